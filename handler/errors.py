@@ -1,0 +1,39 @@
+"""The one error type a request can fail with, and how it becomes an HTTP answer.
+
+A `RequestError` always names the request field at fault (or `"body"` for the
+body as a whole), so that a client can fix its request without reading logs.
+"""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as sent.
+
+    `status` is the HTTP status the client gets: 400 for bad input, 507 where
+    the request is valid but does not fit in the memory this worker has.
+    """
+
+    def __init__(self, field: str, message: str, status: int = 400):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+        self.status = status
+
+    @property
+    def reason(self) -> str:
+        return HTTPStatus(self.status).phrase
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "code": self.status,
+                "type": "InvalidRequest" if self.status == 400 else self.reason.replace(" ", ""),
+                "field": self.field,
+                "message": self.message,
+            },
+            ensure_ascii=False,
+        )
