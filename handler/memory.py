@@ -1,0 +1,191 @@
+"""Where a worker's GPU memory goes: measured at each stage of start-up, split into parts that add up.
+
+The driver's figure for this process (NVML, as `nvidia-smi` shows it) is
+
+    driver total = CUDA context + reserved by PyTorch's allocator + other
+
+and what the allocator reserves is allocated tensors (weights, anything kept)
+plus its cache (reserved but unused: the warm-up's KV cache and activations,
+kept for the next batch). The stages are: before CUDA is touched, after the
+context exists (one 1-element tensor), after the weights are loaded, and after
+a warm-up generation at the largest batch and length. "other" is what the
+driver counts that no named part explains (library workspaces, kernels loaded
+lazily after the context was measured); a healthy worker keeps it within a few
+percent of the total.
+
+NVML is queried through `nvidia-ml-py` by the device's UUID, so that
+`CUDA_VISIBLE_DEVICES` renumbering is no trap; where the process is not listed
+(another PID namespace), the device's used memory minus what it was before
+CUDA was touched stands in for it, and the report says so. On the CPU the
+report says there is no GPU instead of failing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MIB = 2**20
+STAGES = ("start", "context", "weights", "warmup")
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One stage's figures, in bytes."""
+
+    stage: str
+    driver_process: int | None  # NVML: this process's GPU memory (None: not available)
+    driver_device_used: int | None  # NVML: the whole device's used memory
+    allocated: int  # torch.cuda.memory_allocated
+    reserved: int  # torch.cuda.memory_reserved
+    peak_allocated: int  # torch.cuda.max_memory_allocated since the previous stage
+
+
+class NvmlQuery:
+    """Reads NVML for one CUDA device: (this process's used bytes or None, device used bytes)."""
+
+    def __init__(self, device: torch.device):
+        import pynvml  # nvidia-ml-py
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        self.handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        self.driver_version = _text(pynvml.nvmlSystemGetDriverVersion())
+        self.name = _text(pynvml.nvmlDeviceGetName(self.handle))
+        self.total = pynvml.nvmlDeviceGetMemoryInfo(self.handle).total
+
+    def __call__(self) -> tuple[int | None, int]:
+        pid = os.getpid()
+        mine = None
+        for proc in self._nvml.nvmlDeviceGetComputeRunningProcesses(self.handle):
+            if proc.pid == pid and proc.usedGpuMemory is not None:
+                mine = int(proc.usedGpuMemory)
+        return mine, int(self._nvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class MemoryLedger:
+    """Records `Reading`s at each start-up stage and turns them into a breakdown."""
+
+    def __init__(self, device: torch.device, query: Callable[[], tuple[int | None, int]] | None = None,
+                 gpu_name: str = "", driver_version: str = "", gpu_total: int = 0):
+        self.device = device
+        self.query = query
+        self.gpu_name = gpu_name
+        self.driver_version = driver_version
+        self.gpu_total = gpu_total
+        self.readings: dict[str, Reading] = {}
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> "MemoryLedger":
+        """A ledger that reads NVML on a GPU; on the CPU, or without NVML, one that only says so."""
+        if device.type != "cuda":
+            return cls(device)
+        try:
+            nvml = NvmlQuery(device)
+        except Exception as err:  # no driver library, no permission: report without the driver's view
+            logger.warning("NVML unavailable (%s): the breakdown will lack the driver's figures", err)
+            return cls(device, gpu_name=torch.cuda.get_device_name(device))
+        return cls(device, nvml, nvml.name, nvml.driver_version, nvml.total)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    def mark(self, stage: str) -> None:
+        """Take the figures of `stage` (one of STAGES)."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}")
+        mine, used = self.query() if self.query is not None else (None, None)
+        if self.on_gpu and stage != "start":
+            torch.cuda.synchronize(self.device)
+            allocated = torch.cuda.memory_allocated(self.device)
+            reserved = torch.cuda.memory_reserved(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:  # before CUDA is touched nothing may call into it
+            allocated = reserved = peak = 0
+        self.readings[stage] = Reading(stage, mine, used, allocated, reserved, peak)
+
+    def breakdown(self, *, weights_bytes: int, decode_buffers_bytes: int, workers_hint: int = 1) -> dict:
+        """The report: parts in MiB that add up to the driver's figure, plus every stage's readings."""
+        if not self.on_gpu:
+            return {
+                "device": str(self.device),
+                "gpu": False,
+                "note": "no GPU: this worker runs on the CPU, so there is no GPU memory to account for",
+                "weights_mib": _mib(weights_bytes),
+                "decode_buffers_at_max_batch_mib": _mib(decode_buffers_bytes),
+            }
+        parts, method = split(self.readings)
+        total = parts.pop("driver_total")
+        named = sum(v for k, v in parts.items() if k != "other")
+        return {
+            "device": str(self.device),
+            "gpu": True,
+            "gpu_name": self.gpu_name,
+            "driver_version": self.driver_version,
+            "gpu_total_mib": _mib(self.gpu_total),
+            "driver_figure": method,
+            "total_mib": _mib(total),
+            "parts_mib": {k: _mib(v) for k, v in parts.items()},
+            "parts_explain_percent": round(100.0 * named / total, 2) if total else None,
+            "weights_expected_mib": _mib(weights_bytes),
+            "decode_buffers_at_max_batch_mib": _mib(decode_buffers_bytes),
+            "each_extra_worker_costs_mib": _mib(parts["cuda_context"] + parts["weights"]),
+            "stages": {k: {f: (_mib(v) if isinstance(v, int) else v) for f, v in asdict(r).items() if f != "stage"}
+                       for k, r in self.readings.items()},
+        }
+
+
+def split(readings: dict[str, Reading]) -> tuple[dict[str, int], str]:
+    """The parts (bytes) from the stage readings; returns (parts, how the driver figure was read).
+
+    cuda_context        driver figure after the context exists, minus what the allocator held then
+    weights             allocated after loading minus allocated before
+    kv_and_activations  peak allocated during warm-up minus allocated after loading (now in the cache)
+    allocator_cache     reserved but unused after warm-up, beyond the warm-up's peak use
+    other_allocated     tensors allocated after warm-up beyond the weights (kept buffers, workspaces)
+    other               the driver's figure that none of the above explains
+    """
+    start, ctx, weights, warm = (readings[s] for s in STAGES)
+    if warm.driver_process is not None and ctx.driver_process is not None:
+        method = "nvml_process"
+        total, ctx_driver = warm.driver_process, ctx.driver_process
+    elif warm.driver_device_used is not None and start.driver_device_used is not None:
+        method = "nvml_device_delta"  # the process is not listed (PID namespace): device used minus before
+        total = warm.driver_device_used - start.driver_device_used
+        ctx_driver = ctx.driver_device_used - start.driver_device_used
+    else:
+        method = "allocator_only"
+        total, ctx_driver = warm.reserved, ctx.reserved
+    cuda_context = ctx_driver - ctx.reserved
+    weight_bytes = weights.allocated - ctx.allocated
+    kv_peak = max(0, warm.peak_allocated - weights.allocated)
+    other_allocated = max(0, warm.allocated - weights.allocated)
+    cache = warm.reserved - warm.allocated
+    held_from_peak = min(cache, max(0, kv_peak - other_allocated))
+    parts = {
+        "cuda_context": cuda_context,
+        "weights": weight_bytes,
+        "kv_and_activations": held_from_peak,
+        "allocator_cache": cache - held_from_peak,
+        "other_allocated": other_allocated + ctx.allocated,
+    }
+    parts["other"] = total - sum(parts.values())
+    parts["driver_total"] = total
+    return parts, method
+
+
+def _mib(n: int | None) -> float | None:
+    return None if n is None else round(n / MIB, 1)

@@ -1,0 +1,94 @@
+"""Predicted GPU memory of a worker, part by part, from the model's shape alone.
+
+    per worker = CUDA context + weights + peak of one generation (decode buffers + activations)
+                 + allocator slack
+    per GPU    = workers x per worker
+
+The same arithmetic sizes batches at run time (`handler.batch`) and answers
+`scripts/plan_memory.py` before anything is deployed. The CUDA context is a
+measured figure (`scripts/measure_cuda_context.py`): about 520 MiB on an H100
+with PyTorch 2.11 and lazy module loading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from handler.kv_cache import buffer_bytes
+
+MIB = 2**20
+DEFAULT_CONTEXT_MIB = 520.0  # H100, PyTorch 2.11, CUDA_MODULE_LOADING=LAZY (see the README's table)
+ALLOCATOR_SLACK = 0.05  # the caching allocator rounds and fragments: a few percent over what is allocated
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    vocab_size: int
+    n_positions: int
+    n_inner: int | None = None
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        return cls(get("n_layer"), get("n_embd"), get("n_head"), get("vocab_size"), get("n_positions"),
+                   get("n_inner"))
+
+    @property
+    def inner(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    def parameter_count(self) -> int:
+        d, L = self.n_embd, self.n_layer
+        per_layer = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * self.inner + self.inner) + (self.inner * d + d)
+        return self.vocab_size * d + self.n_positions * d + L * per_layer + 2 * d  # lm_head tied to wte
+
+
+def generation_bytes(shape: ModelShape, *, batch: int, prompt_len: int, max_new: int, k: int,
+                     dtype_bytes: int, sampling: bool = False) -> dict[str, int]:
+    """Peak bytes of one generation call: static buffers plus the larger of prefill and step activations."""
+    B, T, d, H, V = batch, prompt_len, shape.n_embd, shape.n_head, shape.vocab_size
+    slots = T + max_new + k
+    buffers = buffer_bytes(n_layer=shape.n_layer, n_embd=d, batch=B, slots=slots, dtype_bytes=dtype_bytes,
+                           contrastive=k > 1)
+    # prefill: residual, qkv, attention output, MLP in and out, and the [B, H, T, T] scores of a math SDPA
+    prefill = B * T * (d * 6 + shape.inner * 2) * dtype_bytes + B * H * T * T * dtype_bytes + B * V * 4
+    # a step: the same per candidate, scores over all slots, logits and probabilities in float32
+    rows = B * k
+    step = rows * (d * 6 + shape.inner * 2) * dtype_bytes + rows * H * slots * 4 + B * V * 4 * 3
+    if sampling:
+        step += B * V * (4 + 8) * 2  # sorted logits and their order, noise
+    activations = max(prefill, step)
+    return {**buffers, "activations": activations, "total": sum(buffers.values()) + activations}
+
+
+@dataclass(frozen=True)
+class Plan:
+    shape: ModelShape
+    dtype_bytes: int
+    workers_per_gpu: int
+    batch: int
+    top_k: int
+    max_len: int  # prompt + new tokens
+    context_mib: float
+
+    def per_worker(self) -> dict[str, float]:
+        weights = self.shape.parameter_count() * self.dtype_bytes
+        prompt = max(1, self.max_len // 2)
+        gen = generation_bytes(self.shape, batch=self.batch, prompt_len=prompt, max_new=self.max_len - prompt,
+                               k=self.top_k, dtype_bytes=self.dtype_bytes)
+        parts = {
+            "cuda_context": self.context_mib,
+            "weights": weights / MIB,
+            "kv_cache": gen["kv_cache"] / MIB,
+            "context_hidden_and_slots": (gen["context_hidden"] + gen["slot_state"]) / MIB,
+            "activations": gen["activations"] / MIB,
+        }
+        parts["allocator_slack"] = ALLOCATOR_SLACK * (sum(parts.values()) - self.context_mib)
+        parts["total"] = sum(parts.values())
+        return {k: round(v, 1) for k, v in parts.items()}
+
+    def per_gpu_mib(self) -> float:
+        return round(self.workers_per_gpu * self.per_worker()["total"], 1)

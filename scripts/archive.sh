@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Build model_store/<name>.mar from a saved model folder (scripts/save_model.py) with torch-model-archiver.
+#
+#   scripts/archive.sh artifacts/models/tiny-gpt2 tiny-gpt2 [model_store]
+#
+# The archive holds the handler package (handler/), model-config.yaml, the weights,
+# config, generation config and tokenizer files. Loading it needs no network and
+# installs nothing. --extra-files copies a folder's *contents* to the archive root,
+# so the package is staged as <stage>/handler/ and arrives as handler/ next to the
+# entry file gpt2_handler.py, which imports it as `handler.*` (as the tests do).
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+MODEL_DIR="${1:?usage: archive.sh MODEL_DIR NAME [EXPORT_DIR]}"
+NAME="${2:?usage: archive.sh MODEL_DIR NAME [EXPORT_DIR]}"
+EXPORT_DIR="${3:-$REPO/model_store}"
+CONFIG_FILE="${MODEL_CONFIG:-$REPO/model-config.yaml}"
+
+[[ -f "$MODEL_DIR/config.json" ]] || { echo "error: $MODEL_DIR/config.json not found (run scripts/save_model.py)" >&2; exit 1; }
+ls "$MODEL_DIR"/*.safetensors >/dev/null 2>&1 || { echo "error: no .safetensors in $MODEL_DIR" >&2; exit 1; }
+
+STAGE="$(mktemp -d)"
+trap 'rm -rf "$STAGE"' EXIT
+mkdir -p "$STAGE/extra/handler" "$STAGE/tmp" "$EXPORT_DIR"
+cp "$REPO"/handler/*.py "$STAGE/extra/handler/"
+for f in config.json generation_config.json tokenizer.json tokenizer_config.json special_tokens_map.json \
+         vocab.json merges.txt added_tokens.json "$MODEL_DIR"/*.safetensors "$MODEL_DIR"/*.safetensors.index.json; do
+  src="$f"; [[ "$f" == /* || "$f" == "$MODEL_DIR"/* ]] || src="$MODEL_DIR/$f"
+  [[ -f "$src" ]] && cp "$src" "$STAGE/extra/"
+done
+
+# torch-model-archiver stages in $TMPDIR/<name> and deletes that folder first: give it its own.
+TMPDIR="$STAGE/tmp" torch-model-archiver \
+  --model-name "$NAME" --version 1.0 \
+  --handler "$REPO/handler/gpt2_handler.py" \
+  --extra-files "$STAGE/extra" \
+  --config-file "$CONFIG_FILE" \
+  --export-path "$EXPORT_DIR" --force
+echo "archived $MODEL_DIR -> $EXPORT_DIR/$NAME.mar ($(du -h "$EXPORT_DIR/$NAME.mar" | cut -f1))"
