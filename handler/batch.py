@@ -28,6 +28,7 @@ class Row:
     text: RowText
     result: RowResult | None = None
     error: RequestError | None = None
+    fault: str | None = None  # a fault to inject, from X-Fault-Injection (only with handler.fault_injection)
 
 
 def pack(rows: list[Row], need: Callable[[list[Row]], int], budget: float) -> Iterator[list[Row]]:

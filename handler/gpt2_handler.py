@@ -29,7 +29,7 @@ from handler.gpt2_model import load_gpt2
 from handler.memory import MIB, MemoryLedger
 from handler.memory_plan import ModelShape, generation_bytes
 from handler.params import GenerationParams
-from handler.request import read_request
+from handler.request import header, read_request
 from handler.settings import HandlerSettings
 from handler.text import RowText
 
@@ -168,7 +168,10 @@ class ContrastiveGPT2Handler(BaseHandler):
             return err
         seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
         eos = params.eos_token_id if params.eos_token_id is not None else self.eos_ids
-        return Row(index, raw.prompt, RowRequest(prompt_ids, params, eos, seed), RowText(self.tokenizer, params.stop))
+        row = Row(index, raw.prompt, RowRequest(prompt_ids, params, eos, seed), RowText(self.tokenizer, params.stop))
+        if self.settings.fault_injection:
+            row.fault = header(headers or {}, "X-Fault-Injection") or None
+        return row
 
     def _check_lengths(self, prompt_tokens: int, params: GenerationParams) -> None:
         limits, n_pos = self.settings.limits, self.model.n_positions
@@ -191,8 +194,10 @@ class ContrastiveGPT2Handler(BaseHandler):
     def inference(self, prepared):
         """Generate for every valid row, in sub-batches that fit the decode-buffer budget."""
         rows = [r for r in prepared if isinstance(r, Row)]
+        logger.info("batch of %d requests (%d valid)", len(prepared), len(rows))
+        deadline = time.monotonic() + self.settings.timeout_fraction * self.settings.response_timeout_s
         for batch in pack(rows, self._need_bytes, self._budget_bytes()):
-            self._run(batch)
+            self._run(batch, deadline)
         return prepared
 
     def _budget_bytes(self) -> float:
@@ -210,12 +215,14 @@ class ContrastiveGPT2Handler(BaseHandler):
             max(p.num_candidates for p in params), sampling=any(p.decoding == "sample" for p in params),
         )
 
-    def _run(self, rows: list[Row]) -> None:
+    def _run(self, rows: list[Row], deadline: float) -> None:
         streaming = [r for r in rows if r.request.params.stream]
         for r in streaming:
             self.context.set_response_content_type(r.index, STREAM_CONTENT_TYPE)
 
         def on_sync(new_tokens):
+            if any(r.fault == "oom" for r in rows):
+                raise torch.OutOfMemoryError("simulated out of memory (X-Fault-Injection: oom)")
             stops = {}
             for i, (row, toks) in enumerate(zip(rows, new_tokens)):
                 keep = row.text.add(toks)
@@ -224,17 +231,24 @@ class ContrastiveGPT2Handler(BaseHandler):
             self._stream(streaming)
             return stops
 
-        deadline = time.monotonic() + self.settings.timeout_fraction * self.settings.response_timeout_s
         try:
             results = generate(self.model, [r.request for r in rows], on_sync=on_sync,
                                sync_every=self.settings.stop_check_interval, deadline=deadline)
-        except (torch.OutOfMemoryError, MemoryError) as err:
+        except Exception as err:  # noqa: BLE001 - out of memory is answered, anything else re-raised
+            if not is_out_of_memory(err):
+                raise
             logger.error("out of memory for a batch of %d: %s", len(rows), err)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            for r in rows:
-                r.error = RequestError("body", "the worker ran out of memory for this batch; retry, or ask for "
-                                       "fewer tokens", status=507)
+            if len(rows) > 1:  # the batch did not fit: give each request its own chance
+                for row in rows:  # a row's tokens do not depend on its batch: what was streamed stays valid
+                    streamed = row.text.sent
+                    row.text = RowText(self.tokenizer, row.request.params.stop)
+                    row.text.sent = streamed
+                    self._run([row], deadline)
+                return
+            rows[0].error = RequestError("body", "the worker ran out of memory for this request; retry later, or ask "
+                                         "for fewer tokens or a smaller top_k", status=507)
             return
         for row, result in zip(rows, results):
             row.result = result
@@ -288,6 +302,13 @@ class ContrastiveGPT2Handler(BaseHandler):
     def _set_status(self, index: int, code: int, phrase: str) -> None:
         if self.context is not None and getattr(self.context, "request_processor", None):
             self.context.set_response_status(code, phrase, index)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or PyTorch's CPU allocator failing."""
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
 
 
 def _eos_ids(generation_config_cls, model_dir, tokenizer, config) -> tuple[int, ...]:

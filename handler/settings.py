@@ -26,6 +26,7 @@ class HandlerSettings:
     warmup: bool = True  # one generation at the largest batch and length before serving
     timeout_fraction: float = 0.8  # generations are sized to finish within this part of responseTimeout
     kv_budget_mib: float | None = None  # most MiB one batch's decode buffers may take (None: what the device has)
+    fault_injection: bool = False  # tests only: the header "X-Fault-Injection: oom" fails a generation with OOM
     defaults: GenerationParams = GenerationParams()
     limits: RequestLimits = RequestLimits()
     max_batch_size: int = 1  # TorchServe's batchSize
@@ -37,7 +38,7 @@ class HandlerSettings:
         raw = dict(config.get("handler") or {})
         limits = RequestLimits.from_config(raw.pop("limits", None))
         defaults = GenerationParams.defaults_from_config(raw.pop("defaults", None), limits)
-        known = {"dtype", "stop_check_interval", "warmup", "timeout_fraction", "kv_budget_mib"}
+        known = {"dtype", "stop_check_interval", "warmup", "timeout_fraction", "kv_budget_mib", "fault_injection"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"unknown handler keys {unknown}; known: {sorted(known | {'limits', 'defaults'})}")
@@ -60,6 +61,8 @@ class HandlerSettings:
             raise ValueError(f"handler.warmup must be true or false, got {self.warmup!r}")
         if not 0 < self.timeout_fraction <= 1:
             raise ValueError(f"handler.timeout_fraction must be in (0, 1], got {self.timeout_fraction!r}")
+        if not isinstance(self.fault_injection, bool):
+            raise ValueError(f"handler.fault_injection must be true or false, got {self.fault_injection!r}")
         if self.kv_budget_mib is not None and not self.kv_budget_mib > 0:
             raise ValueError(f"handler.kv_budget_mib must be positive, got {self.kv_budget_mib!r}")
         if self.max_batch_size < 1:

@@ -1,0 +1,38 @@
+"""Fixtures of the end-to-end tests: archives built once, one real TorchServe per session."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.server import build_archive, java_available, model_config, start_server
+
+MODEL = "tiny-gpt2"
+
+if not java_available():  # TorchServe's frontend is Java; CI machines have Java 17
+    pytest.skip("TorchServe's Java frontend needs `java` on PATH", allow_module_level=True)
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory, tiny_model_dir):
+    """model_store/ with the standard archive (the repo's model-config.yaml) and variants for fault tests."""
+    root = tmp_path_factory.mktemp("store")
+    store = root / "model_store"
+    store.mkdir()
+    build_archive(tiny_model_dir, MODEL, store)
+    return store
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, model_store):
+    """A real TorchServe with the tiny model registered through the management API, with the key."""
+    srv = start_server(tmp_path_factory.mktemp("ts"), model_store)
+    try:
+        srv.client.register(f"{MODEL}.mar", MODEL, workers=1)
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    return server.client

@@ -1,0 +1,141 @@
+"""End to end: a real TorchServe (Java frontend), the real archive, registration with the key, real HTTP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from handler.decoding import RowRequest, generate
+from handler.gpt2_model import load_gpt2
+from handler.params import GenerationParams, RequestLimits
+from handler.text import decode
+from tests.e2e.conftest import MODEL
+
+
+@pytest.fixture(scope="module")
+def local_model(tiny_model_dir):
+    """The same weights in-process (float32, CPU: what the server runs), to know the right answers."""
+    return load_gpt2(tiny_model_dir, torch.device("cpu"), torch.float32)[1]
+
+
+def expected(local_model, tokenizer, prompt, **fields):
+    defaults = GenerationParams()
+    params = GenerationParams.from_request(fields, defaults=defaults, limits=RequestLimits(max_new_tokens=256),
+                                           vocab_size=local_model.vocab_size)
+    row = RowRequest(tokenizer.encode(prompt), params, (tokenizer.eos_token_id,), params.seed or 0)
+    result = generate(local_model, [row])[0]
+    return result.tokens, decode(tokenizer, result.tokens), result.finish_reason
+
+
+def test_registered_through_the_management_api(client):
+    [description] = client.describe(MODEL, customized=False)
+    assert description["modelName"] == MODEL
+    assert description["batchSize"] == 8 and description["maxBatchDelay"] == 20  # from model-config.yaml
+    assert [w["status"] for w in description["workers"]] == ["READY"]
+
+
+def test_the_users_prompt_gets_a_contrastive_answer(client, local_model, tokenizer):
+    answer = client.generate(MODEL, "你是谁?", return_token_ids=True)
+    tokens, text, reason = expected(local_model, tokenizer, "你是谁?")
+    assert answer["token_ids"] == tokens
+    assert answer["generated_text"] == text
+    assert answer["full_text"] == "你是谁?" + text
+    assert answer["finish_reason"] == reason
+    assert answer["prompt_tokens"] == len(tokenizer.encode("你是谁?"))
+    assert answer["completion_tokens"] == len(tokens)
+
+
+def test_readme_curl_flow(server):
+    """The README's commands: key from key_file.json, Bearer header, JSON content type."""
+    key = json.loads((server.run_dir / "key_file.json").read_text())["inference"]["key"]
+    url = f"{server.client.inference_url}/predictions/{MODEL}"
+    out = subprocess.run(
+        ["curl", "-sS", "-X", "POST", url, "-H", f"Authorization: Bearer {key}",
+         "-H", "Content-Type: application/json", "--data", '{"prompt": "你是谁?"}', "-w", "\n%{http_code}"],
+        capture_output=True, text=True, timeout=60, check=True)
+    body, code = out.stdout.rsplit("\n", 1)
+    assert code == "200"
+    assert json.loads(body)["full_text"].startswith("你是谁?")
+    # the same command without the content type: curl sends a form, TorchServe drops the body, we say why
+    out = subprocess.run(["curl", "-sS", "-X", "POST", url, "-H", f"Authorization: Bearer {key}",
+                          "--data", '{"prompt": "你是谁?"}', "-w", "\n%{http_code}"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    body, code = out.stdout.rsplit("\n", 1)
+    assert code == "400"
+    assert "Content-Type: application/json" in json.loads(body)["message"]
+
+
+def test_plain_text_and_form_bodies(client):
+    r = client.predict_raw(MODEL, data="Who are you?".encode(), headers={"Content-Type": "text/plain"})
+    assert r.status_code == 200 and r.json()["full_text"].startswith("Who are you?")
+    r = client.predict_raw(MODEL, data={"prompt": "你好", "max_new_tokens": "3", "decoding": "greedy"})
+    assert r.status_code == 200 and r.json()["completion_tokens"] == 3
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, client, local_model, tokenizer):
+    prompts = [f"请问第{i}个问题是什么? Question {i}." for i in range(24)]
+    modes = [{"decoding": "greedy"}, {}, {"top_k": 3, "penalty_alpha": 0.4},
+             {"decoding": "sample", "seed": 5, "temperature": 0.9}]
+    jobs = [(p, {**modes[i % 4], "max_new_tokens": 8 + i % 5, "return_token_ids": True}) for i, p in enumerate(prompts)]
+    before = len(server.batch_sizes())
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        answers = list(pool.map(lambda job: client.generate(MODEL, job[0], **job[1]), jobs))
+    for (prompt, fields), answer in zip(jobs, answers):
+        tokens, text, _ = expected(local_model, tokenizer, prompt,
+                                   **{k: v for k, v in fields.items() if k != "return_token_ids"})
+        assert answer["token_ids"] == tokens, prompt  # its answer does not depend on its batch-mates
+        assert answer["full_text"] == prompt + text
+    sizes = server.batch_sizes()[before:]
+    assert sum(sizes) == len(jobs)
+    assert max(sizes) > 1  # TorchServe formed real batches
+
+
+def test_bad_requests_in_a_busy_batch_fail_alone(client):
+    jobs = [{"prompt": "good one", "max_new_tokens": 6}, {"prompt": "bad", "top_k": 1},
+            {"prompt": "good two", "max_new_tokens": 6}, {"prompt": "bad", "temperature": 0.5},
+            {"prompt": "bad", "max_new_tokens": 100000}, {"prompt": "good three", "max_new_tokens": 6}] * 3
+    with ThreadPoolExecutor(max_workers=9) as pool:
+        responses = list(pool.map(lambda body: client.predict_raw(MODEL, body), jobs))
+    for body, r in zip(jobs, responses):
+        if body["prompt"] == "bad":
+            assert r.status_code == 400, r.text
+            assert r.json()["field"] in body
+        else:
+            assert r.status_code == 200 and r.json()["completion_tokens"] == 6
+
+
+def test_streaming_over_http_joins_to_the_final_text(client):
+    chunks = list(client.stream(MODEL, "你是谁?", max_new_tokens=40, decoding="greedy"))
+    assert len(chunks) >= 3
+    final = chunks[-1]
+    assert final["finish_reason"] in ("length", "eos")
+    assert "".join(c["text"] for c in chunks) == final["generated_text"]
+    plain = client.generate(MODEL, "你是谁?", max_new_tokens=40, decoding="greedy")
+    assert plain["generated_text"] == final["generated_text"]
+
+
+def test_stop_strings_and_eos_over_http(client):
+    base = client.generate(MODEL, "Hello there", decoding="greedy", max_new_tokens=30, return_token_ids=True)
+    text = base["generated_text"]
+    stop = next(text[i:i + 2] for i in range(4, len(text) - 2) if "\ufffd" not in text[i:i + 2])
+    cut = client.generate(MODEL, "Hello there", decoding="greedy", max_new_tokens=30, stop=[stop])
+    assert cut["finish_reason"] == "stop" and cut["generated_text"] == text[: text.find(stop)]
+    eos = base["token_ids"][5]
+    ended = client.generate(MODEL, "Hello there", decoding="greedy", max_new_tokens=30, eos_token_id=eos,
+                            return_token_ids=True)
+    assert ended["finish_reason"] == "eos"
+    assert ended["token_ids"] == base["token_ids"][: base["token_ids"].index(eos) + 1]
+
+
+def test_describe_returns_the_memory_breakdown(client):
+    [description] = client.describe(MODEL)
+    meta = description["customizedMetadata"]
+    assert meta["device"] == "cpu"
+    assert meta["memory"]["gpu"] is False and "no GPU" in meta["memory"]["note"]
+    assert meta["memory"]["weights_mib"] > 0
+    assert meta["max_new_tokens_within_timeout"] == 256
+    assert meta["limits"]["max_top_k"] == 16
