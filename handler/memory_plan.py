@@ -1,7 +1,7 @@
 """Predicted GPU memory of a worker, part by part, from the model's shape alone.
 
     per worker = CUDA context + weights + peak of one generation (decode buffers + activations)
-                 + allocator slack
+                 + cuBLAS workspace + allocator slack
     per GPU    = workers x per worker
 
 The same arithmetic sizes batches at run time (`handler.batch`) and answers
@@ -19,6 +19,11 @@ from handler.kv_cache import buffer_bytes
 MIB = 2**20
 DEFAULT_CONTEXT_MIB = 520.0  # H100, PyTorch 2.11, CUDA_MODULE_LOADING=LAZY (see the README's table)
 ALLOCATOR_SLACK = 0.05  # the caching allocator rounds and fragments: a few percent over what is allocated
+# The workspace PyTorch allocates for cuBLAS on the first matmul and keeps (one per stream; the ledger
+# counts it in `other_allocated`): CUBLAS_WORKSPACE_CONFIG's default is 32 MiB on Hopper (sm90),
+# 4 MiB x 2 + 16 KiB x 8 = 8.125 MiB before it.
+WORKSPACE_MIB_HOPPER = 32.0
+WORKSPACE_MIB_PRE_HOPPER = 8.125
 
 
 @dataclass(frozen=True)
@@ -29,12 +34,14 @@ class ModelShape:
     vocab_size: int
     n_positions: int
     n_inner: int | None = None
+    tie_word_embeddings: bool = True  # GPT-2's lm_head is wte; an untied head is V x d more
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        tied = get("tie_word_embeddings")
         return cls(get("n_layer"), get("n_embd"), get("n_head"), get("vocab_size"), get("n_positions"),
-                   get("n_inner"))
+                   get("n_inner"), True if tied is None else bool(tied))
 
     @property
     def inner(self) -> int:
@@ -43,7 +50,8 @@ class ModelShape:
     def parameter_count(self) -> int:
         d, L = self.n_embd, self.n_layer
         per_layer = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * self.inner + self.inner) + (self.inner * d + d)
-        return self.vocab_size * d + self.n_positions * d + L * per_layer + 2 * d  # lm_head tied to wte
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d  # tied: lm_head is wte, no extra
+        return self.vocab_size * d + self.n_positions * d + L * per_layer + 2 * d + head
 
 
 def generation_bytes(shape: ModelShape, *, batch: int, prompt_len: int, max_new: int, k: int,
@@ -73,6 +81,7 @@ class Plan:
     top_k: int
     max_len: int  # prompt + new tokens
     context_mib: float
+    workspace_mib: float = WORKSPACE_MIB_HOPPER
 
     def per_worker(self) -> dict[str, float]:
         weights = self.shape.parameter_count() * self.dtype_bytes
@@ -87,6 +96,7 @@ class Plan:
             "activations": gen["activations"] / MIB,
         }
         parts["allocator_slack"] = ALLOCATOR_SLACK * (sum(parts.values()) - self.context_mib)
+        parts["workspaces"] = self.workspace_mib  # one fixed allocation: no slack on it
         parts["total"] = sum(parts.values())
         return {k: round(v, 1) for k, v in parts.items()}
 

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.server import build_archive, java_available, model_config, start_server
+from scripts.local_server import build_archive, java_available, model_config, start_server
 
 MODEL = "tiny-gpt2"
+# variants of the archive for the fault tests, each with its own model-config.yaml
+VARIANTS = {
+    # fault injection on, and limits wider than the model's 512 positions
+    "tiny-faults": {"fault_injection": True, "limits": {"max_prompt_tokens": 500, "max_new_tokens": 400}},
+    # one generation may use at most 1 MiB
+    "tiny-budget": {"kv_budget_mib": 1},
+    # generations must finish within 0.1% of the response timeout: long ones are refused up front
+    "tiny-hurried": {"timeout_fraction": 0.001},
+}
 
 if not java_available():  # TorchServe's frontend is Java; CI machines have Java 17
     pytest.skip("TorchServe's Java frontend needs `java` on PATH", allow_module_level=True)
@@ -19,6 +28,8 @@ def model_store(tmp_path_factory, tiny_model_dir):
     store = root / "model_store"
     store.mkdir()
     build_archive(tiny_model_dir, MODEL, store)
+    for name, overrides in VARIANTS.items():
+        build_archive(tiny_model_dir, name, store, model_config(**overrides))
     return store
 
 

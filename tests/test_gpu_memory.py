@@ -1,0 +1,127 @@
+"""The handler's memory breakdown on a real GPU: the named parts explain the driver's figure, and the plan predicts it.
+
+Each scenario runs the handler's `initialize` in a fresh Python process, as a
+TorchServe worker does: the ledger's stages start from a process that has not
+touched CUDA, whatever else this test session did on the GPU. The process
+prints the handler's `memory_report` and what the checks need as JSON.
+
+Every test needs a CUDA GPU (and NVML); without one they are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from handler.memory import MIB
+from handler.memory_plan import WORKSPACE_MIB_HOPPER, WORKSPACE_MIB_PRE_HOPPER, ModelShape, Plan
+
+REPO = Path(__file__).resolve().parents[1]
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# Small limits: prompt and new tokens equal, so that the plan (which splits max_len in halves) models the
+# same generation as the warm-up (the largest batch, k, prompt and new tokens the limits allow).
+LIMITS = {"max_prompt_tokens": 64, "max_new_tokens": 64, "max_top_k": 8}
+BATCH = 4
+
+WORKER = r"""
+import json, sys
+from pathlib import Path
+import torch
+from handler.gpt2_handler import ContrastiveGPT2Handler
+from tests.ts_context import make_context
+
+model_dir, model_yaml_config = Path(sys.argv[1]), json.loads(sys.argv[2])
+handler = ContrastiveGPT2Handler()
+handler.initialize(make_context(model_dir, model_yaml_config, gpu=0))
+config = handler.hf_model.config
+print(json.dumps({
+    "report": handler.memory_report,
+    "shape": {k: getattr(config, k) for k in ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions",
+                                               "n_inner", "tie_word_embeddings")},
+    "parameter_bytes": sum(p.numel() * p.element_size() for p in handler.hf_model.parameters()),
+    "dtype_bytes": handler.model.dtype.itemsize,
+    "warmup_shape": list(handler._warmup_shape()),
+    "capability": list(torch.cuda.get_device_capability(handler.device)),
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def gpu_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A copy of the tiny model's files, as a model archive would unpack them."""
+    out = tmp_path_factory.mktemp("gpu-model") / "tiny-gpt2"
+    shutil.copytree(tiny_model_dir, out)
+    return out
+
+
+def start_worker(model_dir: Path, warmup: bool) -> dict:
+    model_yaml_config = {"batchSize": BATCH, "handler": {"warmup": warmup, "limits": LIMITS}}
+    proc = subprocess.run([sys.executable, "-c", WORKER, str(model_dir), json.dumps(model_yaml_config)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+@pytest.fixture(scope="module")
+def warm(gpu_model_dir) -> dict:
+    return start_worker(gpu_model_dir, warmup=True)
+
+
+@pytest.fixture(scope="module")
+def cold(gpu_model_dir) -> dict:
+    return start_worker(gpu_model_dir, warmup=False)
+
+
+@needs_gpu
+def test_the_driver_figure_comes_from_nvml(warm):
+    report = warm["report"]
+    assert report["gpu"] is True
+    assert report["driver_figure"] in ("nvml_process", "nvml_device_delta"), report
+
+
+@needs_gpu
+def test_named_parts_explain_the_driver_total_within_2_percent(warm):
+    report = warm["report"]
+    assert report["parts_explain_percent"] >= 98, json.dumps(report, indent=2)
+    assert report["parts_explain_percent"] <= 102, json.dumps(report, indent=2)  # nor counted twice
+
+
+@needs_gpu
+def test_parts_sum_to_the_total(warm):
+    report = warm["report"]
+    parts = report["parts_mib"]
+    assert sum(parts.values()) == pytest.approx(report["total_mib"], abs=0.05 * (len(parts) + 1)), report
+
+
+@needs_gpu
+def test_weights_part_is_the_parameter_bytes(warm):
+    weights_mib = warm["report"]["parts_mib"]["weights"]
+    expected_mib = warm["parameter_bytes"] / MIB
+    assert abs(weights_mib - expected_mib) <= 1 + 0.02 * expected_mib, (weights_mib, expected_mib)
+
+
+@needs_gpu
+def test_plan_predicts_the_measured_total_within_10_percent(warm):
+    batch, prompt, new, k = warm["warmup_shape"]
+    assert (batch, prompt, new, k) == (BATCH, 64, 64, 8)  # what the plan below models
+    report = warm["report"]
+    workspace = WORKSPACE_MIB_HOPPER if warm["capability"][0] >= 9 else WORKSPACE_MIB_PRE_HOPPER
+    plan = Plan(ModelShape.from_config(warm["shape"]), warm["dtype_bytes"], 1, batch, k, prompt + new,
+                context_mib=report["parts_mib"]["cuda_context"], workspace_mib=workspace)
+    predicted, measured = plan.per_worker()["total"], report["total_mib"]
+    assert abs(predicted - measured) <= 0.10 * measured, (plan.per_worker(), json.dumps(report, indent=2))
+
+
+@needs_gpu
+def test_loading_reserves_about_what_it_allocates(cold):
+    """No float32 staging copy and no CPU-then-GPU double residency: after loading, reserved ≈ allocated."""
+    weights = cold["report"]["stages"]["weights"]
+    assert weights["reserved"] - weights["allocated"] < 64, weights
+    assert weights["allocated"] >= cold["parameter_bytes"] / MIB - 1, weights
