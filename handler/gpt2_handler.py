@@ -113,6 +113,7 @@ class ContrastiveGPT2Handler(BaseHandler):
                            self.step_ms, len(rows), self.max_new_tokens_in_time, budget_s)
 
     def _publish_memory(self, context) -> None:
+        """One log line and one `WorkerMemoryMiB` gauge per part (dimensions: Device, Part)."""
         report = self.memory_report
         if report["gpu"]:
             parts = report["parts_mib"]
@@ -121,19 +122,21 @@ class ContrastiveGPT2Handler(BaseHandler):
                 self.device, report["gpu_name"], report["total_mib"],
                 " + ".join(f"{k} {v:.0f}" for k, v in parts.items()), report["driver_figure"],
             )
-            metrics = getattr(context, "metrics", None)
-            if metrics is not None:
-                from ts.metrics.dimension import Dimension
-                from ts.metrics.metric_type_enum import MetricTypes
-
-                for part, value in parts.items():
-                    metrics.add_metric(
-                        "GPUMemoryMiB", value, "MB",
-                        dimensions=[Dimension("Device", str(self.device)), Dimension("Part", part)],
-                        metric_type=MetricTypes.GAUGE,
-                    )
+            parts = {**parts, "total": report["total_mib"]}
         else:
             logger.info("memory: %s (weights %.1f MiB)", report["note"], report["weights_mib"])
+            parts = {"weights": report["weights_mib"],
+                     "decode_buffers_at_max_batch": report["decode_buffers_at_max_batch_mib"]}
+        metrics = getattr(context, "metrics", None)
+        if metrics is None:
+            return
+        from ts.metrics.dimension import Dimension
+        from ts.metrics.metric_type_enum import MetricTypes
+
+        for part, value in parts.items():
+            if value is not None:
+                metrics.add_metric("WorkerMemoryMiB", value, "MB", metric_type=MetricTypes.GAUGE,
+                                   dimensions=[Dimension("Device", str(self.device)), Dimension("Part", part)])
 
     def describe_handle(self):
         """`GET /models/<name>?customized=true`: the memory breakdown and the serving limits."""

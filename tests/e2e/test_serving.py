@@ -13,6 +13,7 @@ from handler.decoding import RowRequest, generate
 from handler.gpt2_model import load_gpt2
 from handler.params import GenerationParams, RequestLimits
 from handler.text import decode
+from scripts.ts_client import parse_metric
 from tests.e2e.conftest import MODEL
 
 
@@ -139,3 +140,12 @@ def test_describe_returns_the_memory_breakdown(client):
     assert meta["memory"]["weights_mib"] > 0
     assert meta["max_new_tokens_within_timeout"] == 256
     assert meta["limits"]["max_top_k"] == 16
+
+
+def test_memory_gauges_on_the_metrics_endpoint(client):
+    samples = parse_metric(client.metrics(), "WorkerMemoryMiB")
+    by_part = {labels["Part"]: value for labels, value in samples if labels.get("ModelName") == MODEL}
+    assert {labels["Device"] for labels, _ in samples} == {"cpu"}
+    [meta] = client.describe(MODEL)
+    assert by_part["weights"] == meta["customizedMetadata"]["memory"]["weights_mib"]
+    assert by_part["decode_buffers_at_max_batch"] > 0

@@ -1,0 +1,73 @@
+"""Start-up checks of the handler's settings, and the tiny model's determinism."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+import yaml
+
+from handler.settings import HandlerSettings
+from handler.tiny_model import TINY_DEFAULTS, build_tiny_model
+from scripts.local_server import REPO
+
+
+def test_shipped_model_config_is_valid():
+    config = yaml.safe_load((REPO / "model-config.yaml").read_text())
+    settings = HandlerSettings.from_model_config(config)
+    assert settings.max_batch_size == config["batchSize"] > 1
+    assert config["maxBatchDelay"] > 0
+    assert settings.defaults.decoding == "contrastive"
+    assert (settings.defaults.penalty_alpha, settings.defaults.top_k) == (0.6, 4)
+    assert settings.torch_dtype(torch.device("cuda", 0)) == torch.float16
+    assert settings.torch_dtype(torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.parametrize("handler,words", [
+    ({"dtype": "float64"}, "handler.dtype"),
+    ({"stop_check_interval": 0}, "stop_check_interval"),
+    ({"warmup": "yes"}, "handler.warmup"),
+    ({"timeout_fraction": 1.5}, "timeout_fraction"),
+    ({"kv_budget_mib": -1}, "kv_budget_mib"),
+    ({"fault_injection": 1}, "fault_injection"),
+    ({"batch": 3}, "unknown handler keys"),
+    ({"defaults": {"top_k": 100}}, "handler.defaults: top_k must be <= 16"),
+    ({"limits": {"max_top_k": 0}}, "handler.limits.max_top_k"),
+])
+def test_wrong_settings_stop_the_worker_with_the_key_named(handler, words):
+    with pytest.raises(ValueError, match=words):
+        HandlerSettings.from_model_config({"batchSize": 4, "handler": handler})
+
+
+def digest(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_tiny_model_is_deterministic_and_shaped_like_gpt2(tmp_path, tiny_model_dir):
+    again = tmp_path / "again"
+    build_tiny_model(again, corpus=REPO / "data" / "corpus.txt", seed=TINY_DEFAULTS["seed"])
+    assert digest(again) == digest(tiny_model_dir)
+    other = tmp_path / "other"
+    build_tiny_model(other, corpus=REPO / "data" / "corpus.txt", seed=TINY_DEFAULTS["seed"] + 1)
+    assert digest(other)["model.safetensors"] != digest(tiny_model_dir)["model.safetensors"]
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    assert config.model_type == "gpt2" and config.n_positions >= 256 and config.n_layer >= 2
+    assert {p.name for p in tiny_model_dir.iterdir()} >= {"model.safetensors", "tokenizer.json", "config.json",
+                                                         "generation_config.json", "tokenizer_config.json"}
+
+
+def test_tiny_tokenizer_round_trips_chinese_and_english(tokenizer):
+    for text in ("你是谁?", "Who are you? 我是一个语言模型。", "春眠不觉晓，处处闻啼鸟。"):
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert tokenizer.eos_token == "<|endoftext|>"
+    assert len(tokenizer.encode("你是谁?")) < len("你是谁?".encode())  # BPE merged the corpus' characters
+
+
+def test_weights_are_saved_in_float16(tiny_model_dir):
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_model_dir / "model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(name).dtype for name in f.keys()} == {torch.float16}
