@@ -13,8 +13,9 @@ from http import HTTPStatus
 class RequestError(ValueError):
     """A request that cannot be served as sent.
 
-    `status` is the HTTP status the client gets: 400 for bad input, 507 where
-    the request is valid but does not fit in the memory this worker has.
+    `status` is the HTTP status the client gets: 400 for bad input, 413 for a
+    body over the limit, 507 where the request is valid but does not fit in the
+    memory this worker has, 500 where generation failed for another reason.
     """
 
     def __init__(self, field: str, message: str, status: int = 400):

@@ -7,7 +7,8 @@ where asked, and `postprocess` writes one JSON answer per request, in order.
 Settings come from the archive's model-config.yaml (`handler.settings`).
 
 Bad input never becomes a 5xx and never fails its neighbours in the batch:
-each request gets its own status through `context.set_response_status`.
+each request gets its own status through `context.set_response_status`
+(TorchServe's `PredictionException` would fail the whole batch with one status).
 """
 
 from __future__ import annotations
@@ -237,9 +238,13 @@ class ContrastiveGPT2Handler(BaseHandler):
         try:
             results = generate(self.model, [r.request for r in rows], on_sync=on_sync,
                                sync_every=self.settings.stop_check_interval, deadline=deadline)
-        except Exception as err:  # noqa: BLE001 - out of memory is answered, anything else re-raised
+        except Exception as err:  # noqa: BLE001 - every request of the sub-batch gets an answer
             if not is_out_of_memory(err):
-                raise
+                logger.exception("generation failed for a batch of %d", len(rows))
+                for row in rows:
+                    row.error = RequestError("body", f"internal error during generation ({type(err).__name__}); "
+                                             "see the worker log", status=500)
+                return
             logger.error("out of memory for a batch of %d: %s", len(rows), err)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -264,7 +269,6 @@ class ContrastiveGPT2Handler(BaseHandler):
             if delta:
                 chunks[row.index] = json.dumps({"text": delta}, ensure_ascii=False) + "\n"
                 ids[row.index] = self.context.request_ids[row.index]
-                row.streamed = True
         if chunks:
             send_intermediate_predict_response(chunks, ids, "Intermediate response", 200, self.context)
 

@@ -187,3 +187,13 @@ def test_describe_reports_no_gpu_on_cpu(handler):
     assert report["device"] == "cpu"
     assert report["memory"]["gpu"] is False and "no GPU" in report["memory"]["note"]
     assert report["limits"]["max_new_tokens"] == 96
+
+
+def test_unexpected_failure_is_500_for_its_sub_batch_only(handler, monkeypatch):
+    def broken(model, rows, **kw):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr("handler.gpt2_handler.generate", broken)
+    codes, answers, _ = run(handler, [{"prompt": "a", "max_new_tokens": 5}, {"prompt": "b", "top_k": 1}])
+    assert codes == [500, 400]  # the bad request keeps its own 400
+    assert answers[0]["code"] == 500 and "ValueError" in answers[0]["message"]
