@@ -13,7 +13,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: run stop test venv model archive serve register query lint bench clean
+.PHONY: run stop test venv model archive serve register query bench bench-hf clean
 
 $(BIN)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,16 @@ test: venv
 
 bench: venv
 	$(BIN)/python benchmarks/decode.py
+	$(BIN)/python benchmarks/load.py
+
+# transformers 4.55.4, the last release with contrastive search in its core, as the baseline
+.venv-hf/bin/.installed:
+	$(PYTHON) -m venv .venv-hf
+	.venv-hf/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 transformers==4.55.4
+	touch $@
+
+bench-hf: .venv-hf/bin/.installed
+	.venv-hf/bin/python benchmarks/hf_contrastive.py
 
 clean: stop
 	rm -rf artifacts model_store/*.mar $(RUN_DIR)

@@ -81,24 +81,36 @@ def time_hf_greedy(hf, batch: int, prompt_len: int, new: int, device) -> float:
     return time.perf_counter() - start
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def base_parser(doc: str) -> argparse.ArgumentParser:
+    """The options this benchmark shares with benchmarks/hf_contrastive.py."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shape", nargs="+", default=["110m"], choices=sorted(SHAPES))
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
-    parser.add_argument("--modes", nargs="+", default=list(MODES) + ["hf-greedy"])
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=None, help="default: 128 on GPU, 32 on CPU")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def start_table(args, about: str) -> tuple[torch.device, torch.dtype, int]:
+    """Print the table's header (machine, lengths); returns (device, dtype, new tokens)."""
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     new = args.new_tokens or (128 if device.type == "cuda" else 32)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "CPU")
-    print(f"# device: {device} ({name}); torch {torch.__version__}; dtype {str(dtype)[6:]}; "
+    print(f"# device: {device} ({name}); torch {torch.__version__}; {about}; dtype {str(dtype)[6:]}; "
           f"threads {torch.get_num_threads()}; cpus {os.cpu_count()}")
-    print(f"# prompt {args.prompt_tokens} tokens, {new} new tokens per row; path: eager (no CUDA graphs)")
-    print(f"| shape | mode | batch | ms/step | tokens/s |")
-    print(f"|---|---|---:|---:|---:|")
+    print(f"# prompt {args.prompt_tokens} tokens, {new} new tokens per row")
+    print("| shape | mode | batch | ms/step | tokens/s |")
+    print("|---|---|---:|---:|---:|")
+    return device, dtype, new
+
+
+def main(argv=None) -> int:
+    parser = base_parser(__doc__)
+    parser.add_argument("--modes", nargs="+", default=list(MODES) + ["hf-greedy"])
+    args = parser.parse_args(argv)
+    device, dtype, new = start_table(args, "engine path: eager (no CUDA graphs)")
     for shape in args.shape:
         hf, model = build(shape, device, dtype)
         for mode in args.modes:

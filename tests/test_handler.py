@@ -16,14 +16,18 @@ from tests.ts_context import make_context, start_batch, statuses
 JSON = {"Content-Type": "application/json"}
 
 
-@pytest.fixture(scope="module")
-def handler(tiny_model_dir):
-    config = model_config(warmup=True, limits={"max_prompt_tokens": 64, "max_new_tokens": 96})
-    context = make_context(tiny_model_dir, config)
+def make_handler(model_dir, **overrides) -> ContrastiveGPT2Handler:
+    """A handler initialised as the worker does it, keeping its context for the batches of a test."""
+    context = make_context(model_dir, model_config(**overrides))
     h = ContrastiveGPT2Handler()
     h.initialize(context)
     h.test_context = context
     return h
+
+
+@pytest.fixture(scope="module")
+def handler(tiny_model_dir):
+    return make_handler(tiny_model_dir, warmup=True, limits={"max_prompt_tokens": 64, "max_new_tokens": 96})
 
 
 def run(handler, bodies, headers=None):
@@ -113,12 +117,7 @@ def test_plain_text_body_is_a_prompt_with_defaults(handler):
 @pytest.fixture(scope="module")
 def wide_handler(tiny_model_dir):
     """Limits wider than the model's 512 positions, so that the position check is what refuses."""
-    config = model_config(warmup=False, limits={"max_prompt_tokens": 500, "max_new_tokens": 400})
-    context = make_context(tiny_model_dir, config)
-    h = ContrastiveGPT2Handler()
-    h.initialize(context)
-    h.test_context = context
-    return h
+    return make_handler(tiny_model_dir, warmup=False, limits={"max_prompt_tokens": 500, "max_new_tokens": 400})
 
 
 def test_length_beyond_positions_is_400_before_generation(wide_handler, monkeypatch):
