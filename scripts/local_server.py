@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,12 +102,10 @@ def start_server(root: Path, store: Path, **properties) -> Server:
             text += f"\n{key}={value}\n"
     config = root / "config.properties"
     config.write_text(text)
-    started = time.monotonic()
     subprocess.run([str(REPO / "scripts" / "serve.sh"), "--config", str(config), "--model-store", str(store),
                     "--run-dir", str(run_dir)], check=True, env=script_env(), capture_output=True, timeout=180)
     server = Server(TorchServe.from_config(config, run_dir), run_dir, config)
     server.client.timeout = 120
-    server.started_in = time.monotonic() - started
     return server
 
 
