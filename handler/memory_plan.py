@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from handler.kv_cache import buffer_bytes
+from handler.kv_cache import buffer_bytes, slots_needed
 
 MIB = 2**20
 DEFAULT_CONTEXT_MIB = 520.0  # H100, PyTorch 2.11, CUDA_MODULE_LOADING=LAZY (see the README's table)
@@ -58,7 +58,7 @@ def generation_bytes(shape: ModelShape, *, batch: int, prompt_len: int, max_new:
                      dtype_bytes: int, sampling: bool = False) -> dict[str, int]:
     """Peak bytes of one generation call: static buffers plus the larger of prefill and step activations."""
     B, T, d, H, V = batch, prompt_len, shape.n_embd, shape.n_head, shape.vocab_size
-    slots = T + max_new + k
+    slots = slots_needed(T, max_new, k)
     buffers = buffer_bytes(n_layer=shape.n_layer, n_embd=d, batch=B, slots=slots, dtype_bytes=dtype_bytes,
                            contrastive=k > 1)
     # prefill: residual, qkv, attention output, MLP in and out, and the [B, H, T, T] scores of a math SDPA
