@@ -29,9 +29,10 @@ from typing import Callable
 
 import torch
 
+from handler.memory_plan import MIB
+
 logger = logging.getLogger(__name__)
 
-MIB = 2**20
 STAGES = ("start", "context", "weights", "warmup")
 
 
@@ -117,7 +118,7 @@ class MemoryLedger:
             allocated = reserved = peak = 0
         self.readings[stage] = Reading(stage, mine, used, allocated, reserved, peak)
 
-    def breakdown(self, *, weights_bytes: int, decode_buffers_bytes: int, workers_hint: int = 1) -> dict:
+    def breakdown(self, *, weights_bytes: int, decode_buffers_bytes: int) -> dict:
         """The report: parts in MiB that add up to the driver's figure, plus every stage's readings."""
         if not self.on_gpu:
             return {
