@@ -77,6 +77,7 @@ RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cu12
 RUN useradd --create-home --uid 1000 --user-group --shell /usr/sbin/nologin ts
 WORKDIR /home/ts/app
 COPY handler/ handler/
+COPY gpt2ops/ gpt2ops/
 COPY scripts/ scripts/
 COPY config.properties model-config.yaml ./
 COPY --from=archive /build/model_store/${MODEL_NAME}.mar model_store/
@@ -99,7 +100,8 @@ ENV MODEL_NAME=${MODEL_NAME} \
     MODEL_STORE=/home/ts/app/model_store \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    PYTHONPATH=/home/ts/app
 
 USER 1000:1000
 

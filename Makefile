@@ -15,9 +15,10 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: run stop test venv model archive serve register query bench bench-hf clean
 
-$(BIN)/.installed: requirements.txt
+$(BIN)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
 venv: $(BIN)/.installed
@@ -54,8 +55,8 @@ test: venv
 	$(BIN)/python -m pytest -q tests
 
 bench: venv
-	$(BIN)/python benchmarks/decode.py
-	$(BIN)/python benchmarks/load.py
+	$(BIN)/python -m benchmarks.decode
+	$(BIN)/python -m benchmarks.load
 
 # transformers 4.55.4, the last release with contrastive search in its core, as the baseline
 .venv-hf/bin/.installed:
@@ -64,7 +65,7 @@ bench: venv
 	touch $@
 
 bench-hf: .venv-hf/bin/.installed
-	.venv-hf/bin/python benchmarks/hf_contrastive.py
+	.venv-hf/bin/python -m benchmarks.hf_contrastive
 
 clean: stop
 	rm -rf artifacts model_store/*.mar $(RUN_DIR)

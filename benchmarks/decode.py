@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from handler.decoding import RowRequest, generate  # noqa: E402
-from handler.gpt2_model import CompactGPT2  # noqa: E402
-from handler.params import GenerationParams  # noqa: E402
+from handler.engine.decoding import RowRequest, generate
+from handler.engine.model import CompactGPT2
+from handler.engine.params import GenerationParams
 
 SHAPES = {
     "110m": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),

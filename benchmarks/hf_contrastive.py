@@ -20,9 +20,8 @@ import torch
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.decode import SHAPES, base_parser, start_table, sync  # noqa: E402
+from benchmarks.decode import SHAPES, base_parser, start_table, sync
 
 
 @torch.inference_mode()

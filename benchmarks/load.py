@@ -28,9 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.ts_client import TorchServe  # noqa: E402
+from gpt2ops.client import TorchServe
 
 PROMPTS = ["你是谁?", "今天天气很好", "Who are you?", "The weather is nice today", "春眠不觉晓，",
            "A language model predicts", "北京是中国的首都", "Batching puts several requests together"]
@@ -55,9 +54,9 @@ def expected_tokens(model_dir: Path, mix: list[dict]) -> list[list[int]]:
     import torch
     from transformers import AutoTokenizer
 
-    from handler.decoding import RowRequest, generate
-    from handler.gpt2_model import load_gpt2
-    from handler.params import GenerationParams, RequestLimits
+    from handler.engine.decoding import RowRequest, generate
+    from handler.engine.model import load_gpt2
+    from handler.engine.params import GenerationParams, RequestLimits
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     _, model = load_gpt2(model_dir, torch.device("cpu"), torch.float32)
@@ -156,8 +155,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=300, help="stop sending after this long")
     args = parser.parse_args(argv)
 
-    from handler.tiny_model import TINY_DEFAULTS, build_tiny_model
-    from scripts.local_server import REPO, build_archive, start_server
+    from gpt2ops.tiny_model import TINY_DEFAULTS, build_tiny_model
+    from gpt2ops.local_server import REPO, build_archive, start_server
 
     with tempfile.TemporaryDirectory(prefix="load-") as tmp:
         root = Path(tmp)

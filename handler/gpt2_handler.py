@@ -2,9 +2,9 @@
 
 Thin by design: `initialize` loads the model and measures memory, `preprocess`
 turns each request into a validated row (or its 4xx), `inference` runs the
-rows through `handler.decoding` in sub-batches that fit in memory, streaming
+rows through `handler.engine.decoding` in sub-batches that fit in memory, streaming
 where asked, and `postprocess` writes one JSON answer per request, in order.
-Settings come from the archive's model-config.yaml (`handler.settings`).
+Settings come from the archive's model-config.yaml (`handler.serving.settings`).
 
 Bad input never becomes a 5xx and never fails its neighbours in the batch:
 each request gets its own status through `context.set_response_status`
@@ -23,16 +23,16 @@ import torch
 from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.batch import Row, pack
-from handler.decoding import RowRequest, generate
-from handler.errors import RequestError
-from handler.gpt2_model import load_gpt2
-from handler.memory import MIB, MemoryLedger
-from handler.memory_plan import ModelShape, generation_bytes
-from handler.params import GenerationParams
-from handler.request import header, read_request
-from handler.settings import HandlerSettings
-from handler.text import RowText
+from handler.serving.batch import Row, pack
+from handler.engine.decoding import RowRequest, generate
+from handler.serving.errors import RequestError
+from handler.engine.model import load_gpt2
+from handler.memory.ledger import MIB, MemoryLedger
+from handler.memory.plan import ModelShape, generation_bytes
+from handler.engine.params import GenerationParams
+from handler.serving.request import header, read_request
+from handler.serving.settings import HandlerSettings
+from handler.engine.text import RowText
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,9 @@ ls "$MODEL_DIR"/*.safetensors >/dev/null 2>&1 || { echo "error: no .safetensors 
 
 STAGE="$(mktemp -d)"
 trap 'rm -rf "$STAGE"' EXIT
-mkdir -p "$STAGE/extra/handler" "$STAGE/tmp" "$EXPORT_DIR"
-cp "$REPO"/handler/*.py "$STAGE/extra/handler/"
+mkdir -p "$STAGE/extra" "$STAGE/tmp" "$EXPORT_DIR"
+# the handler package with its subpackages (engine/, serving/, memory/), sources only
+(cd "$REPO" && find handler -name '*.py' -not -path '*/__pycache__/*' -print0 | xargs -0 cp --parents -t "$STAGE/extra")
 for f in config.json generation_config.json tokenizer.json tokenizer_config.json special_tokens_map.json \
          vocab.json merges.txt added_tokens.json "$MODEL_DIR"/*.safetensors "$MODEL_DIR"/*.safetensors.index.json; do
   src="$f"; [[ "$f" == /* || "$f" == "$MODEL_DIR"/* ]] || src="$MODEL_DIR/$f"

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -17,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The tiny GPT-2 of `make run`, saved in fp16 like a real one."""
-    from handler.tiny_model import TINY_DEFAULTS, build_tiny_model
+    from gpt2ops.tiny_model import TINY_DEFAULTS, build_tiny_model
 
     out = tmp_path_factory.mktemp("models") / "tiny-gpt2"
     build_tiny_model(out, corpus=REPO / "data" / "corpus.txt", seed=TINY_DEFAULTS["seed"])
@@ -36,7 +34,7 @@ def fp32_model(tiny_model_dir):
     """(hf_model, CompactGPT2) in float32 on the CPU: the setting where outputs must agree exactly."""
     import torch
 
-    from handler.gpt2_model import load_gpt2
+    from handler.engine.model import load_gpt2
 
     torch.manual_seed(0)
     return load_gpt2(tiny_model_dir, torch.device("cpu"), torch.float32)

@@ -6,7 +6,7 @@ follows the definitions literally (Su et al. 2022; transformers <= 4.55):
 
     score(v) = (1 - alpha) * p(v | x) - alpha * max_j cos(h_v, h_j)
 
-The random draws come from `handler.sampling.gumbel`, so the reference and the
+The random draws come from `handler.engine.sampling.gumbel`, so the reference and the
 engine see the same noise; everything else here is written independently.
 """
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from handler.params import GenerationParams
-from handler.sampling import STREAM_CONTRASTIVE, STREAM_SAMPLE, gumbel
+from handler.engine.params import GenerationParams
+from handler.engine.sampling import STREAM_CONTRASTIVE, STREAM_SAMPLE, gumbel
 
 
 def _hidden(hf_model, seq: list[int]) -> torch.Tensor:

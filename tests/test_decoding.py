@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-from handler.contrastive import contrastive_scores, degeneration_penalty, select_candidates, unit
-from handler.decoding import RowRequest, generate
-from handler.kv_cache import DecodeBuffers, buffer_bytes, slots_needed
-from handler.params import GenerationParams
+from handler.engine.ranking import contrastive_scores, degeneration_penalty, select_candidates, unit
+from handler.engine.decoding import RowRequest, generate
+from handler.engine.kv_cache import DecodeBuffers, buffer_bytes, slots_needed
+from handler.engine.params import GenerationParams
 
 EOS = (0,)
 

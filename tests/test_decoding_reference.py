@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from handler.decoding import RowRequest, generate
-from handler.params import GenerationParams
+from handler.engine.decoding import RowRequest, generate
+from handler.engine.params import GenerationParams
 from tests.reference import reference_generate
 
 EOS = (0,)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from handler.decoding import left_pad
-from handler.gpt2_model import load_gpt2
-from handler.kv_cache import DecodeBuffers
+from handler.engine.decoding import left_pad
+from handler.engine.model import load_gpt2
+from handler.engine.kv_cache import DecodeBuffers
 
 
 def hf_logits(hf, ids, valid):

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from handler.memory import MIB
-from handler.memory_plan import WORKSPACE_MIB_HOPPER, WORKSPACE_MIB_PRE_HOPPER, ModelShape, Plan
+from handler.memory.ledger import MIB
+from handler.memory.plan import WORKSPACE_MIB_HOPPER, WORKSPACE_MIB_PRE_HOPPER, ModelShape, Plan
 
 REPO = Path(__file__).resolve().parents[1]
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

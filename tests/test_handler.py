@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from handler.decoding import RowRequest, generate
+from handler.engine.decoding import RowRequest, generate
 from handler.gpt2_handler import ContrastiveGPT2Handler
-from handler.params import GenerationParams
-from scripts.local_server import model_config
+from handler.engine.params import GenerationParams
+from gpt2ops.local_server import model_config
 from tests.ts_context import make_context, start_batch, statuses
 
 JSON = {"Content-Type": "application/json"}

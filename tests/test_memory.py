@@ -17,9 +17,9 @@ import sys
 import pytest
 import torch
 
-from handler.memory import MIB, STAGES, MemoryLedger, Reading, split
-from handler.memory_plan import ModelShape, Plan, generation_bytes
-from scripts import measure_cuda_context, plan_memory
+from handler.memory.ledger import MIB, STAGES, MemoryLedger, Reading, split
+from handler.memory.plan import ModelShape, Plan, generation_bytes
+from gpt2ops import measure_cuda_context, plan_memory
 
 M = MIB
 

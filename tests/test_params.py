@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from handler.errors import RequestError
-from handler.params import GenerationParams, RequestLimits
+from handler.serving.errors import RequestError
+from handler.engine.params import GenerationParams, RequestLimits
 
 LIMITS = RequestLimits()
 VOCAB = 1000

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from handler.errors import RequestError
-from handler.request import read_request
+from handler.serving.errors import RequestError
+from handler.serving.request import read_request
 
 JSON = {"Content-Type": "application/json"}
 LIMIT = 1000

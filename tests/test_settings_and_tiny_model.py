@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from handler.settings import HandlerSettings
-from handler.tiny_model import TINY_DEFAULTS, build_tiny_model
-from scripts.local_server import REPO
+from handler.serving.settings import HandlerSettings
+from gpt2ops.tiny_model import TINY_DEFAULTS, build_tiny_model
+from gpt2ops.local_server import REPO
 
 
 def test_shipped_model_config_is_valid():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from handler.text import RowText, decode, find_stop
+from handler.engine.text import RowText, decode, find_stop
 
 
 def test_find_stop_takes_the_earliest():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scripts.local_server import build_archive, java_available, model_config, start_server
+from gpt2ops.local_server import build_archive, java_available, model_config, start_server
 
 MODEL = "tiny-gpt2"
 # variants of the archive for the fault tests, each with its own model-config.yaml

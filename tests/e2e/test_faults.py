@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from scripts.local_server import start_server
+from gpt2ops.local_server import start_server
 from tests.e2e.conftest import MODEL
 
 SLOW = {"max_new_tokens": 250, "top_k": 16}  # the slowest request the limits allow on the tiny model

@@ -8,7 +8,7 @@ import psutil
 import pytest
 import requests
 
-from scripts.ts_client import read_keys, read_properties
+from gpt2ops.client import read_keys, read_properties
 from tests.e2e.conftest import MODEL
 
 PROMPT = {"prompt": "hi", "max_new_tokens": 2}
@@ -89,7 +89,7 @@ def test_every_port_listens_on_loopback_only(server):
 
 
 def test_shipped_config_keeps_auth_on_and_binds_loopback():
-    from scripts.local_server import REPO
+    from gpt2ops.local_server import REPO
 
     props = read_properties(REPO / "config.properties")
     assert props.get("disable_token_authorization", "false") == "false"

@@ -9,11 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from handler.decoding import RowRequest, generate
-from handler.gpt2_model import load_gpt2
-from handler.params import GenerationParams, RequestLimits
-from handler.text import decode
-from scripts.ts_client import parse_metric
+from handler.engine.decoding import RowRequest, generate
+from handler.engine.model import load_gpt2
+from handler.engine.params import GenerationParams, RequestLimits
+from handler.engine.text import decode
+from gpt2ops.client import parse_metric
 from tests.e2e.conftest import MODEL
 
 

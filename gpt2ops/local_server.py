@@ -18,9 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from scripts.ts_client import TorchServe
+from gpt2ops.client import TorchServe
 
-REPO = Path(__file__).resolve().parents[1]
+from gpt2ops import REPO
 
 
 def free_port() -> int:

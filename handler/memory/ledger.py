@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from handler.memory_plan import MIB
+from handler.memory.plan import MIB
 
 logger = logging.getLogger(__name__)
 

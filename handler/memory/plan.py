@@ -4,7 +4,7 @@
                  + cuBLAS workspace + allocator slack
     per GPU    = workers x per worker
 
-The same arithmetic sizes batches at run time (`handler.batch`) and answers
+The same arithmetic sizes batches at run time (`handler.serving.batch`) and answers
 `scripts/plan_memory.py` before anything is deployed. The CUDA context is a
 measured figure (`scripts/measure_cuda_context.py`): about 520 MiB on an H100
 with PyTorch 2.11 and lazy module loading.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from handler.kv_cache import buffer_bytes, slots_needed
+from handler.engine.kv_cache import buffer_bytes, slots_needed
 
 MIB = 2**20
 DEFAULT_CONTEXT_MIB = 520.0  # H100, PyTorch 2.11, CUDA_MODULE_LOADING=LAZY (see the README's table)

@@ -27,10 +27,10 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
-from handler.errors import RequestError
+from handler.serving.errors import RequestError
 
 DECODING_MODES = ("contrastive", "greedy", "sample")
-SEED_LIMIT = 2**32  # seeds feed a 32-bit counter-based generator (handler.sampling)
+SEED_LIMIT = 2**32  # seeds feed a 32-bit counter-based generator (handler.engine.sampling)
 MAX_TEMPERATURE = 100.0
 
 

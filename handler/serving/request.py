@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from handler.errors import RequestError
+from handler.serving.errors import RequestError
 
 JSON_HINT = "send JSON with the header 'Content-Type: application/json'"
 

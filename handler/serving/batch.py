@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from handler.decoding import RowRequest, RowResult
-from handler.errors import RequestError
-from handler.memory_plan import MIB
-from handler.text import RowText
+from handler.engine.decoding import RowRequest, RowResult
+from handler.serving.errors import RequestError
+from handler.memory.plan import MIB
+from handler.engine.text import RowText
 
 
 @dataclass

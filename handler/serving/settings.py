@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
-from handler.params import GenerationParams, RequestLimits
+from handler.engine.params import GenerationParams, RequestLimits
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_RESPONSE_TIMEOUT_S = 120  # TorchServe's default_response_timeout

@@ -15,7 +15,7 @@ Layout (one allocation each, fixed for the whole call, written in place):
 - `tokens`  [B, S]  long, the token in every slot.
 
 `buffer_bytes` gives the size of these from the config alone, for the memory
-plan (`handler.memory_plan`) and for admission control before a batch runs.
+plan (`handler.memory.plan`) and for admission control before a batch runs.
 """
 
 from __future__ import annotations

@@ -5,13 +5,13 @@ A ladder of small functions in the style of gpt-fast's `generate.py`:
     generate -> prefill -> decode_n_tokens -> decode_one_token
                                                |- propose     top-k candidates (or the greedy / sampled token)
                                                |- model.candidates   one forward for all B*K candidates
-                                               |- rank        contrastive score, handler.contrastive
+                                               |- rank        contrastive score, handler.engine.ranking
                                                '- commit      winner's token, cache slot, hidden state, logits
 
 Every mode runs through the same step: greedy and sampling rows are rows with a
 single candidate, so a batch may mix modes and per-row parameters (alpha, k,
 temperature, seed, eos, max_new_tokens), and a row's tokens do not depend on
-its neighbours. The step works on the static buffers of `handler.kv_cache`
+its neighbours. The step works on the static buffers of `handler.engine.kv_cache`
 with fixed shapes and no host synchronisation; the host looks at the tokens
 only every `sync_every` steps, where it streams them, applies stop strings
 (through `on_sync`) and stops early once every row has finished.
@@ -19,7 +19,7 @@ only every `sync_every` steps, where it streams them, applies stop strings
 Contrastive search follows Su et al. 2022 and transformers <= 4.55: the winner's
 logits (from the hidden state the candidate forward already computed) serve the
 next step, so each step is one forward of B*K tokens. Unlike transformers, the
-cache is not copied k times per row (see `handler.kv_cache`), and only the
+cache is not copied k times per row (see `handler.engine.kv_cache`), and only the
 winner goes through the LM head.
 
 No I/O here: tokenizer, text and HTTP live in the handler.
@@ -33,10 +33,10 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from handler.contrastive import contrastive_scores, degeneration_penalty, select_candidates, unit
-from handler.kv_cache import DecodeBuffers, slots_needed
-from handler.params import GenerationParams
-from handler.sampling import STREAM_CONTRASTIVE, gumbel, sample_tokens
+from handler.engine.ranking import contrastive_scores, degeneration_penalty, select_candidates, unit
+from handler.engine.kv_cache import DecodeBuffers, slots_needed
+from handler.engine.params import GenerationParams
+from handler.engine.sampling import STREAM_CONTRASTIVE, gumbel, sample_tokens
 
 PAD_ID = 0  # fed to padding slots and finished rows; always masked out
 
