@@ -51,23 +51,10 @@ def request_mix(n_distinct: int = 32) -> list[dict]:
 
 def expected_tokens(model_dir: Path, mix: list[dict]) -> list[list[int]]:
     """The right answer of each request: the engine in-process, float32 on the CPU like the server."""
-    import torch
-    from transformers import AutoTokenizer
+    from gpt2ops.expected import ExpectedAnswers
 
-    from handler.engine.decoding import RowRequest, generate
-    from handler.engine.model import load_gpt2
-    from handler.engine.params import GenerationParams, RequestLimits
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    _, model = load_gpt2(model_dir, torch.device("cpu"), torch.float32)
-    out = []
-    for body in mix:
-        fields = {k: v for k, v in body.items() if k not in ("prompt", "return_token_ids")}
-        params = GenerationParams.from_request(fields, defaults=GenerationParams(), limits=RequestLimits(),
-                                               vocab_size=model.vocab_size)
-        row = RowRequest(tokenizer.encode(body["prompt"]), params, (tokenizer.eos_token_id,), params.seed or 0)
-        out.append(generate(model, [row])[0].tokens)
-    return out
+    expected = ExpectedAnswers(model_dir)
+    return [expected(body).tokens for body in mix]
 
 
 @dataclass

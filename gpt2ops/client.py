@@ -158,6 +158,17 @@ class TorchServe:
         if buffer.strip():
             yield json.loads(buffer)
 
+    def report(self, model_name: str, version: str = "1.0") -> dict:
+        """The worker's report (memory breakdown, pool, load, limits) through the inference API.
+
+        `describe(customized=True)` asks for the same through the management API, which under continuous
+        batching wedges TorchServe 0.12.0's worker (see handler/serving/routes.py): use this instead.
+        """
+        r = self._call("inference", "GET", f"{self.inference_url}/predictions/{model_name}/{version}/describe")
+        if r.status_code != 200:
+            raise TorchServeError(r.status_code, r.text, f"reading {model_name}'s report")
+        return r.json()
+
     def metrics(self) -> str:
         return requests.get(f"{self.metrics_url}/metrics", timeout=30).text
 

@@ -53,3 +53,60 @@ def start_batch(context: Context, headers: list[dict]) -> RecordingSocket:
 
 def statuses(context: Context) -> list[int]:
     return [context.get_response_status(i)[0] for i in range(len(context.request_processor))]
+
+
+class Frontend:
+    """TorchServe's frontend around an in-process handler, as its source (0.12.0) behaves.
+
+    Run to completion (`continuousBatching: false`): one call per batch, every answer final, streamed
+    chunks on the worker's socket. Continuous batching (`ContinuousBatching.java`): up to `batchSize` open
+    jobs; every call carries the open jobs (headers only, no body: "cached in backend") and new ones; an
+    answer whose `ts_stream_next` is "true" keeps its job open and is one chunk of its body, anything else
+    closes it; a job whose client went away is simply not sent again.
+    """
+
+    def __init__(self, handler, context: Context):
+        self.handler, self.context = handler, context
+        self.continuous = bool(context.model_yaml_config.get("continuousBatching"))
+        self.batch_size = context.model_yaml_config.get("batchSize", 1)
+        self.calls = 0
+
+    def serve(self, bodies: list, headers: list[dict] | None = None, *, drop: dict[int, int] | None = None,
+              max_calls: int = 10_000) -> tuple[list[int], list[str], list[list[str]]]:
+        """Send `bodies` (one request each); returns (statuses, full bodies, chunks per request).
+
+        Run to completion: the chunks streamed as intermediate responses are on `context.cl_socket`.
+
+        drop: {request index: after how many chunks its client goes away} (continuous batching only).
+        """
+        headers = headers or [{"Content-Type": "application/json"}] * len(bodies)
+        pending = list(range(len(bodies)))
+        open_jobs: list[int] = []
+        statuses: list[int | None] = [None] * len(bodies)
+        chunks: list[list[str]] = [[] for _ in bodies]
+        drop = drop or {}
+        while pending or open_jobs:
+            self.calls += 1
+            assert self.calls <= max_calls, "the handler never finished these requests"
+            room = self.batch_size - len(open_jobs) if self.continuous else self.batch_size
+            new, pending = pending[:room], pending[room:]
+            batch = open_jobs + new
+            start_batch(self.context, [headers[i] for i in batch])
+            self.context.request_ids = {n: f"request-{i}" for n, i in enumerate(batch)}
+            self.context.stopping_criteria = None  # the handler sets it on every call that keeps jobs open
+            data = [{} if i in open_jobs else {"body": bodies[i]} for i in batch]
+            out = self.handler.handle(data, self.context)
+            assert isinstance(out, list) and len(out) == len(batch)
+            criteria = getattr(self.context, "stopping_criteria", None) if self.continuous else None
+            open_jobs = []
+            for n, i in enumerate(batch):
+                text = out[n].decode() if isinstance(out[n], bytes) else out[n]
+                flag = criteria[n](out[n]) if criteria else None
+                if statuses[i] is None:
+                    statuses[i] = self.context.get_response_status(n)[0] or 200
+                chunks[i].append(text)
+                if flag is False:  # ts_stream_next: true
+                    if i in drop and len(chunks[i]) >= drop[i]:
+                        continue  # the client went away: the frontend drops the job
+                    open_jobs.append(i)
+        return statuses, ["".join(c) for c in chunks], chunks

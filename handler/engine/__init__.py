@@ -1,0 +1,21 @@
+"""The decoding engine: GPT-2 forward, persistent slot pool, per-step scheduler, contrastive ranking, sampling.
+
+No TorchServe here (the handler in `handler.gpt2_handler` adapts TorchServe to it). Modules:
+
+- `model`      a compact GPT-2 forward over the pool's cache, on a Hugging Face model's weights
+- `pool`       the buffers allocated once at start: KV cache, context hidden states, token slots, per-slot state
+- `step`       prefill of one request into a slot; one decode step over the pool (the gpt-fast ladder)
+- `ranking`    contrastive search's score (Su et al. 2022, "A Contrastive Framework for Neural Text Generation")
+- `sampling`   counter-based random draws: a seed gives the same text whatever shares the pool
+- `scheduler`  the engine: waiting queue, slot assignment, continuous batching, stopping
+- `stopping`   why a generation ends (`FinishReason`), decided in one place
+- `params`     `GenerationParams`: what one request asks for
+- `text`       tokens to text: stop strings, settled increments for streaming
+"""
+
+from handler.engine.params import GenerationParams
+from handler.engine.pool import PoolShape
+from handler.engine.scheduler import Engine, Generation, Request, generate
+from handler.engine.stopping import FinishReason
+
+__all__ = ["Engine", "FinishReason", "Generation", "GenerationParams", "PoolShape", "Request", "generate"]

@@ -27,6 +27,13 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
+# Every matmul of the decode step runs with a multiple of this many rows. The CPU's sgemm (MKL) gives a row
+# other bits below 4 rows (another kernel), and for 5-7 or 9-11 rows some positions go through a tail kernel;
+# with 4, 8 or any multiple of 4 rows, each row's result is the same whatever else is in the matmul and
+# wherever it sits (tests/engine/test_batch_invariance.py checks this on the machine that runs the tests).
+# The candidate buckets are multiples of 4 for the same reason.
+MATMUL_ROW_MULTIPLE = 4
+
 
 @dataclass(frozen=True)
 class Layer:
@@ -127,8 +134,17 @@ class CompactGPT2:
         return F.layer_norm(x, (self.d_model,), self.ln_f_w, self.ln_f_b, self.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., d] (after the final layer norm) -> logits [..., V] in float32."""
-        return F.linear(hidden, self.lm_head).float()
+        """hidden [..., d] (after the final layer norm) -> logits [..., V] in float32.
+
+        The rows are padded with zero rows to a multiple of MATMUL_ROW_MULTIPLE: each row's
+        logits then come from the same matmul kernel however many slots a step runs.
+        """
+        flat = hidden.reshape(-1, self.d_model)  # [N, d]
+        n = flat.shape[0]
+        pad = -n % MATMUL_ROW_MULTIPLE
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad, self.d_model)])
+        return F.linear(flat, self.lm_head)[:n].float().view(*hidden.shape[:-1], self.vocab_size)
 
     # ---- entry points ----
 

@@ -1,20 +1,28 @@
-"""From generated tokens to text: stop strings and the safe increments that streaming sends.
+"""From generated tokens to text: stop strings and the settled increments that streaming sends.
 
 Byte-level BPE splits a Chinese character (3 bytes in UTF-8) across tokens, so
 the text of a token prefix can end in an incomplete character (decoded as
 U+FFFD). A stream sends only text that can no longer change: it holds back a
 trailing U+FFFD and any tail that could still grow into a stop string. The
-chunks therefore join to exactly the final `generated_text`.
+increments therefore join to exactly the final text.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 REPLACEMENT = "\ufffd"
 
+Detokenize = Callable[[list[int]], str]
 
-def decode(tokenizer, tokens: list[int]) -> str:
+
+def detokenizer(tokenizer) -> Detokenize:
     """The one way token ids become text here (the stream and the final answer agree)."""
-    return tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def detokenize(tokens: list[int]) -> str:
+        return tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    return detokenize
 
 
 def find_stop(text: str, stops: tuple[str, ...]) -> int:
@@ -34,14 +42,16 @@ def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
     return best
 
 
-class RowText:
-    """The text of one row as its tokens arrive."""
+class IncrementalText:
+    """The tokens and text of one request as its tokens arrive."""
 
-    def __init__(self, tokenizer, stops: tuple[str, ...]):
-        self.tokenizer = tokenizer
+    def __init__(self, detokenize: Detokenize | None, stops: tuple[str, ...] = ()):
+        if stops and detokenize is None:
+            raise ValueError("stop strings need a detokenizer")
+        self.detokenize = detokenize
         self.stops = stops
         self.tokens: list[int] = []
-        self.sent = 0  # characters already streamed
+        self.sent = 0  # characters already handed out by `increment`
         self.stop_at = -1  # character index where a stop string begins, once found
 
     def add(self, new_tokens: list[int]) -> int | None:
@@ -50,11 +60,10 @@ class RowText:
         self.tokens.extend(new_tokens)
         if not self.stops or not new_tokens:
             return None
-        if find_stop(decode(self.tokenizer, self.tokens), self.stops) < 0:
+        if find_stop(self.detokenize(self.tokens), self.stops) < 0:
             return None
         for keep in range(before + 1, len(self.tokens) + 1):  # the first token that completes a stop string
-            text = decode(self.tokenizer, self.tokens[:keep])
-            at = find_stop(text, self.stops)
+            at = find_stop(self.detokenize(self.tokens[:keep]), self.stops)
             if at >= 0:
                 del self.tokens[keep:]
                 self.stop_at = at
@@ -62,12 +71,12 @@ class RowText:
         raise AssertionError("a stop string found in the text is found in a prefix")  # unreachable
 
     def text(self) -> str:
-        """The final text: everything generated, cut before the stop string if one was found."""
-        text = decode(self.tokenizer, self.tokens)
+        """The text so far: everything generated, cut before the stop string if one was found."""
+        text = self.detokenize(self.tokens) if self.detokenize is not None else ""
         return text[: self.stop_at] if self.stop_at >= 0 else text
 
     def increment(self, final: bool = False) -> str:
-        """Text not yet streamed that can no longer change (all of it when `final`)."""
+        """Text not yet handed out that can no longer change (all of it when `final`)."""
         text = self.text()
         if not final and self.stop_at < 0:
             safe = len(text.rstrip(REPLACEMENT))

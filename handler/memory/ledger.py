@@ -4,11 +4,12 @@ The driver's figure for this process (NVML, as `nvidia-smi` shows it) is
 
     driver total = CUDA context + reserved by PyTorch's allocator + other
 
-and what the allocator reserves is allocated tensors (weights, anything kept)
-plus its cache (reserved but unused: the warm-up's KV cache and activations,
-kept for the next batch). The stages are: before CUDA is touched, after the
-context exists (one 1-element tensor), after the weights are loaded, and after
-a warm-up generation at the largest batch and length. "other" is what the
+and what the allocator reserves is allocated tensors (weights, the slot pool,
+anything kept) plus its cache (reserved but unused: the warm-up's activations,
+kept for the next step). The stages are: before CUDA is touched, after the
+context exists (one 1-element tensor), after the weights are loaded, after the
+slot pool is allocated (`handler.engine.pool`), and after a warm-up that runs
+the largest prompt and a full-pool decode step. "other" is what the
 driver counts that no named part explains (library workspaces, kernels loaded
 lazily after the context was measured); a healthy worker keeps it within a few
 percent of the total.
@@ -33,7 +34,7 @@ from handler.memory.plan import MIB
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("start", "context", "weights", "warmup")
+STAGES = ("start", "context", "weights", "pool", "warmup")
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,11 @@ class MemoryLedger:
     def on_gpu(self) -> bool:
         return self.device.type == "cuda"
 
+    def touch_context(self) -> None:
+        """Create the CUDA context and nothing else (a one-element tensor), so the next stage measures it."""
+        if self.on_gpu:
+            torch.zeros(1, device=self.device)
+
     def mark(self, stage: str) -> None:
         """Take the figures of `stage` (one of STAGES)."""
         if stage not in STAGES:
@@ -118,7 +124,7 @@ class MemoryLedger:
             allocated = reserved = peak = 0
         self.readings[stage] = Reading(stage, mine, used, allocated, reserved, peak)
 
-    def breakdown(self, *, weights_bytes: int, decode_buffers_bytes: int) -> dict:
+    def breakdown(self, *, weights_bytes: int, pool_bytes: int) -> dict:
         """The report: parts in MiB that add up to the driver's figure, plus every stage's readings."""
         if not self.on_gpu:
             return {
@@ -126,7 +132,7 @@ class MemoryLedger:
                 "gpu": False,
                 "note": "no GPU: this worker runs on the CPU, so there is no GPU memory to account for",
                 "weights_mib": _mib(weights_bytes),
-                "decode_buffers_at_max_batch_mib": _mib(decode_buffers_bytes),
+                "slot_pool_mib": _mib(pool_bytes),
             }
         parts, method = split(self.readings)
         total = parts.pop("driver_total")
@@ -142,8 +148,8 @@ class MemoryLedger:
             "parts_mib": {k: _mib(v) for k, v in parts.items()},
             "parts_explain_percent": round(100.0 * named / total, 2) if total else None,
             "weights_expected_mib": _mib(weights_bytes),
-            "decode_buffers_at_max_batch_mib": _mib(decode_buffers_bytes),
-            "each_extra_worker_costs_mib": _mib(parts["cuda_context"] + parts["weights"]),
+            "slot_pool_expected_mib": _mib(pool_bytes),
+            "each_extra_worker_costs_mib": _mib(parts["cuda_context"] + parts["weights"] + parts["slot_pool"]),
             "stages": {k: {f: (_mib(v) if isinstance(v, int) else v) for f, v in asdict(r).items() if f != "stage"}
                        for k, r in self.readings.items()},
         }
@@ -152,14 +158,15 @@ class MemoryLedger:
 def split(readings: dict[str, Reading]) -> tuple[dict[str, int], str]:
     """The parts (bytes) from the stage readings; returns (parts, how the driver figure was read).
 
-    cuda_context        driver figure after the context exists, minus what the allocator held then
-    weights             allocated after loading minus allocated before
-    kv_and_activations  peak allocated during warm-up minus allocated after loading (now in the cache)
-    allocator_cache     reserved but unused after warm-up, beyond the warm-up's peak use
-    other_allocated     tensors allocated after warm-up beyond the weights (kept buffers, workspaces)
-    other               the driver's figure that none of the above explains
+    cuda_context     driver figure after the context exists, minus what the allocator held then
+    weights          allocated after loading minus allocated before
+    slot_pool        allocated after the pool minus allocated after loading
+    activations      peak allocated during warm-up beyond what stayed allocated (now in the cache)
+    allocator_cache  reserved but unused after warm-up, beyond the warm-up's peak use
+    other_allocated  tensors allocated after warm-up beyond weights and pool (workspaces, kept buffers)
+    other            the driver's figure that none of the above explains
     """
-    start, ctx, weights, warm = (readings[s] for s in STAGES)
+    start, ctx, weights, pool, warm = (readings[s] for s in STAGES)
     if warm.driver_process is not None and ctx.driver_process is not None:
         method = "nvml_process"
         total, ctx_driver = warm.driver_process, ctx.driver_process
@@ -172,14 +179,16 @@ def split(readings: dict[str, Reading]) -> tuple[dict[str, int], str]:
         total, ctx_driver = warm.reserved, ctx.reserved
     cuda_context = ctx_driver - ctx.reserved
     weight_bytes = weights.allocated - ctx.allocated
-    kv_peak = max(0, warm.peak_allocated - weights.allocated)
-    other_allocated = max(0, warm.allocated - weights.allocated)
+    pool_bytes = pool.allocated - weights.allocated
+    peak = max(0, warm.peak_allocated - pool.allocated)
+    other_allocated = max(0, warm.allocated - pool.allocated)
     cache = warm.reserved - warm.allocated
-    held_from_peak = min(cache, max(0, kv_peak - other_allocated))
+    held_from_peak = min(cache, max(0, peak - other_allocated))
     parts = {
         "cuda_context": cuda_context,
         "weights": weight_bytes,
-        "kv_and_activations": held_from_peak,
+        "slot_pool": pool_bytes,
+        "activations": held_from_peak,
         "allocator_cache": cache - held_from_peak,
         "other_allocated": other_allocated + ctx.allocated,
     }

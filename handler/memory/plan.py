@@ -1,11 +1,12 @@
 """Predicted GPU memory of a worker, part by part, from the model's shape alone.
 
-    per worker = CUDA context + weights + peak of one generation (decode buffers + activations)
-                 + cuBLAS workspace + allocator slack
+    per worker = CUDA context + weights + slot pool (KV cache, context hidden states, slot state)
+                 + activations of the largest prefill or step + cuBLAS workspace + allocator slack
     per GPU    = workers x per worker
 
-The same arithmetic sizes batches at run time (`handler.serving.batch`) and answers
-`scripts/plan_memory.py` before anything is deployed. The CUDA context is a
+The same arithmetic sizes the slot pool when a worker starts (`size_pool`), is
+the pool's part of the worker's memory report, and answers `scripts/plan_memory.py`
+before anything is deployed. The CUDA context is a
 measured figure (`scripts/measure_cuda_context.py`): about 520 MiB on an H100
 with PyTorch 2.11 and lazy module loading.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from handler.engine.kv_cache import buffer_bytes, slots_needed
+from handler.engine.pool import PoolShape, pool_bytes
 
 MIB = 2**20
 DEFAULT_CONTEXT_MIB = 520.0  # H100, PyTorch 2.11, CUDA_MODULE_LOADING=LAZY (see the README's table)
@@ -54,22 +55,62 @@ class ModelShape:
         return self.vocab_size * d + self.n_positions * d + L * per_layer + 2 * d + head
 
 
-def generation_bytes(shape: ModelShape, *, batch: int, prompt_len: int, max_new: int, k: int,
-                     dtype_bytes: int, sampling: bool = False) -> dict[str, int]:
-    """Peak bytes of one generation call: static buffers plus the larger of prefill and step activations."""
-    B, T, d, H, V = batch, prompt_len, shape.n_embd, shape.n_head, shape.vocab_size
-    slots = slots_needed(T, max_new, k)
-    buffers = buffer_bytes(n_layer=shape.n_layer, n_embd=d, batch=B, slots=slots, dtype_bytes=dtype_bytes,
-                           contrastive=k > 1)
-    # prefill: residual, qkv, attention output, MLP in and out, and the [B, H, T, T] scores of a math SDPA
-    prefill = B * T * (d * 6 + shape.inner * 2) * dtype_bytes + B * H * T * T * dtype_bytes + B * V * 4
-    # a step: the same per candidate, scores over all slots, logits and probabilities in float32
-    rows = B * k
-    step = rows * (d * 6 + shape.inner * 2) * dtype_bytes + rows * H * slots * 4 + B * V * 4 * 3
-    if sampling:
-        step += B * V * (4 + 8) * 2  # sorted logits and their order, noise
-    activations = max(prefill, step)
-    return {**buffers, "activations": activations, "total": sum(buffers.values()) + activations}
+def pool_parts(shape: ModelShape, pool: PoolShape, dtype_bytes: int) -> dict[str, int]:
+    """Bytes of the slot pool, part by part (`handler.engine.pool.pool_bytes`, the one formula)."""
+    return pool_bytes(n_layer=shape.n_layer, n_embd=shape.n_embd, vocab_size=shape.vocab_size, shape=pool,
+                      dtype_bytes=dtype_bytes)
+
+
+def activation_bytes(shape: ModelShape, pool: PoolShape, dtype_bytes: int, prompt_len: int | None = None) -> int:
+    """Peak transient bytes beside the pool: the larger of one prompt's prefill and one full-pool decode step.
+
+    prefill (one prompt alone): residual, qkv, attention output, MLP in and out, the [H, T, T] scores of a
+    math attention, the last position's logits. Step: the same per candidate (S*K rows), scores over every
+    position, logits and probabilities in float32, and the sampler's sorted logits, order and noise.
+    """
+    d, H, V, S, K = shape.n_embd, shape.n_head, shape.vocab_size, pool.max_slots, pool.candidates
+    T = prompt_len if prompt_len is not None else pool.max_len
+    per_token = (d * 6 + shape.inner * 2) * dtype_bytes
+    prefill = T * per_token + H * T * T * dtype_bytes + V * 4
+    rows = S * K
+    step = rows * per_token + rows * H * pool.positions * 4 + S * V * 4 * 3 + S * V * (4 + 8) * 2
+    return max(prefill, step)
+
+
+def size_pool(shape: ModelShape, wanted: PoolShape, dtype_bytes: int, budget_bytes: float | None,
+              *, shrink: bool) -> PoolShape:
+    """The pool to allocate: `wanted`, or with `shrink` the longest slots that fit `budget_bytes`.
+
+    Raises PoolDoesNotFit with what would fit when even that is impossible (or `wanted` does not fit
+    and may not shrink).
+    """
+    def total(pool: PoolShape) -> int:
+        return sum(pool_parts(shape, pool, dtype_bytes).values())
+
+    if wanted.max_len > shape.n_positions:
+        raise PoolDoesNotFit(f"max_len {wanted.max_len} exceeds the model's {shape.n_positions} positions")
+    if budget_bytes is None or total(wanted) <= budget_bytes:
+        return wanted
+    lo, hi = 1, wanted.max_len  # the longest slots that fit: total() grows with max_len
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if total(PoolShape(wanted.max_slots, mid, wanted.max_top_k)) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    fits = PoolShape(wanted.max_slots, lo, wanted.max_top_k)
+    need = f"{wanted.max_slots} slots of {wanted.max_len} positions need {total(wanted) / MIB:,.1f} MiB"
+    if total(fits) > budget_bytes:
+        raise PoolDoesNotFit(f"{need}; the budget is {budget_bytes / MIB:,.1f} MiB, less than one position per slot: "
+                             "lower max_slots or raise the budget")
+    if not shrink:
+        raise PoolDoesNotFit(f"{need}; the budget is {budget_bytes / MIB:,.1f} MiB: {wanted.max_slots} slots of "
+                             f"{fits.max_len} positions fit (set max_len: auto, or lower max_slots)")
+    return fits
+
+
+class PoolDoesNotFit(ValueError):
+    """The slot pool asked for does not fit in the memory the worker may use."""
 
 
 @dataclass(frozen=True)
@@ -77,23 +118,25 @@ class Plan:
     shape: ModelShape
     dtype_bytes: int
     workers_per_gpu: int
-    batch: int
-    top_k: int
-    max_len: int  # prompt + new tokens
+    slots: int  # the pool's max_slots (batchSize)
+    top_k: int  # limits.max_top_k
+    max_len: int  # positions per slot: prompt + new tokens
     context_mib: float
     workspace_mib: float = WORKSPACE_MIB_HOPPER
 
+    @property
+    def pool(self) -> PoolShape:
+        return PoolShape(self.slots, self.max_len, self.top_k)
+
     def per_worker(self) -> dict[str, float]:
         weights = self.shape.parameter_count() * self.dtype_bytes
-        prompt = max(1, self.max_len // 2)
-        gen = generation_bytes(self.shape, batch=self.batch, prompt_len=prompt, max_new=self.max_len - prompt,
-                               k=self.top_k, dtype_bytes=self.dtype_bytes)
+        pool = pool_parts(self.shape, self.pool, self.dtype_bytes)
         parts = {
             "cuda_context": self.context_mib,
             "weights": weights / MIB,
-            "kv_cache": gen["kv_cache"] / MIB,
-            "context_hidden_and_slots": (gen["context_hidden"] + gen["slot_state"]) / MIB,
-            "activations": gen["activations"] / MIB,
+            "kv_cache": pool["kv_cache"] / MIB,
+            "context_hidden_and_slots": (pool["context_hidden"] + pool["slot_state"]) / MIB,
+            "activations": activation_bytes(self.shape, self.pool, self.dtype_bytes, self.max_len // 2) / MIB,
         }
         parts["allocator_slack"] = ALLOCATOR_SLACK * (sum(parts.values()) - self.context_mib)
         parts["workspaces"] = self.workspace_mib  # one fixed allocation: no slack on it

@@ -38,3 +38,12 @@ class RequestError(ValueError):
             },
             ensure_ascii=False,
         )
+
+
+def is_out_of_memory(err: BaseException | None) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or PyTorch's CPU allocator failing."""
+    import torch
+
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)

@@ -1,14 +1,16 @@
 """The handler's settings: the `handler:` section of model-config.yaml, checked once at start-up.
 
-Frontend keys of the same file (`batchSize`, `responseTimeout`, ...) belong to
-TorchServe; the handler reads `batchSize` and `responseTimeout` to size its
-warm-up and to refuse generations that could not finish in time.
+Frontend keys of the same file (`batchSize`, `responseTimeout`,
+`continuousBatching`, ...) belong to TorchServe; the handler reads `batchSize`
+(the requests generating at once, and the default number of slots),
+`responseTimeout` (to refuse generations that could not finish in time) and
+`continuousBatching` (per-step scheduling, or each batch run to completion).
 A wrong setting stops the worker at start with a message naming the key.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 import torch
@@ -17,20 +19,55 @@ from handler.engine.params import GenerationParams, RequestLimits
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_RESPONSE_TIMEOUT_S = 120  # TorchServe's default_response_timeout
+DECODE_SHAPES = ("buckets", "fixed")
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """`handler.pool`: the slot pool allocated once at start (handler.engine.pool)."""
+
+    max_slots: int | None = None  # requests decoded at once; None: batchSize
+    max_len: int | str = "auto"  # positions per slot; auto: max_prompt_tokens + max_new_tokens (<= the model's)
+    budget_mib: float | None = None  # most MiB the pool may take; None: what the GPU has free, no cap on the CPU
+    decode_shapes: str = "buckets"  # buckets: the smallest shape holding the live slots | fixed: always the full pool
+
+    @classmethod
+    def from_config(cls, raw: Mapping[str, Any] | None) -> "PoolSettings":
+        raw = dict(raw or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown handler.pool keys {unknown}; known: {sorted(known)}")
+        settings = cls(**raw)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if self.max_slots is not None and not _positive_int(self.max_slots):
+            raise ValueError(f"handler.pool.max_slots must be a positive integer, got {self.max_slots!r}")
+        if self.max_len != "auto" and not _positive_int(self.max_len):
+            raise ValueError(f"handler.pool.max_len must be 'auto' or a positive integer, got {self.max_len!r}")
+        if self.budget_mib is not None and (isinstance(self.budget_mib, bool)
+                                            or not isinstance(self.budget_mib, (int, float)) or self.budget_mib <= 0):
+            raise ValueError(f"handler.pool.budget_mib must be a positive number, got {self.budget_mib!r}")
+        if self.decode_shapes not in DECODE_SHAPES:
+            raise ValueError(f"handler.pool.decode_shapes must be one of {DECODE_SHAPES}, got {self.decode_shapes!r}")
 
 
 @dataclass(frozen=True)
 class HandlerSettings:
     dtype: str = "auto"  # auto (float16 on GPU, float32 on CPU) | float16 | bfloat16 | float32
     stop_check_interval: int = 4  # decode steps between looks at the tokens on the host
-    warmup: bool = True  # one generation at the largest batch and length before serving
-    timeout_fraction: float = 0.8  # generations are sized to finish within this part of responseTimeout
-    kv_budget_mib: float | None = None  # most MiB one batch's decode buffers may take (None: what the device has)
-    fault_injection: bool = False  # tests only: the header "X-Fault-Injection: oom" fails a generation with OOM
+    iteration_ms: float = 25.0  # continuous batching: decoding per call of the frontend before it gets answers
+    warmup: bool = True  # time a step at the full pool before serving
+    timeout_fraction: float = 0.8  # a request ends ("timeout") after this part of responseTimeout
+    fault_injection: bool = False  # tests only: the header "X-Fault-Injection: oom" fails a request's prefill
+    pool: PoolSettings = PoolSettings()
     defaults: GenerationParams = GenerationParams()
     limits: RequestLimits = RequestLimits()
     max_batch_size: int = 1  # TorchServe's batchSize
     response_timeout_s: float = DEFAULT_RESPONSE_TIMEOUT_S
+    continuous_batching: bool = False  # TorchServe's continuousBatching
 
     @classmethod
     def from_model_config(cls, model_yaml_config: Mapping[str, Any] | None) -> "HandlerSettings":
@@ -38,15 +75,19 @@ class HandlerSettings:
         raw = dict(config.get("handler") or {})
         limits = RequestLimits.from_config(raw.pop("limits", None))
         defaults = GenerationParams.defaults_from_config(raw.pop("defaults", None), limits)
-        known = {"dtype", "stop_check_interval", "warmup", "timeout_fraction", "kv_budget_mib", "fault_injection"}
+        pool = PoolSettings.from_config(raw.pop("pool", None))
+        known = {f.name for f in fields(cls)} - {"pool", "defaults", "limits", "max_batch_size",
+                                                    "response_timeout_s", "continuous_batching"}
         unknown = sorted(set(raw) - known)
         if unknown:
-            raise ValueError(f"unknown handler keys {unknown}; known: {sorted(known | {'limits', 'defaults'})}")
+            raise ValueError(f"unknown handler keys {unknown}; known: {sorted(known | {'limits', 'defaults', 'pool'})}")
         settings = cls(
+            pool=pool,
             defaults=defaults,
             limits=limits,
-            max_batch_size=int(config.get("batchSize", 1)),
+            max_batch_size=config.get("batchSize", 1),
             response_timeout_s=float(config.get("responseTimeout", DEFAULT_RESPONSE_TIMEOUT_S)),
+            continuous_batching=config.get("continuousBatching", False),
             **raw,
         )
         settings.check()
@@ -55,20 +96,36 @@ class HandlerSettings:
     def check(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"handler.dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if not isinstance(self.stop_check_interval, int) or not 1 <= self.stop_check_interval <= 64:
+        if not _positive_int(self.stop_check_interval) or self.stop_check_interval > 64:
             raise ValueError(f"handler.stop_check_interval must be an integer in [1, 64], got {self.stop_check_interval!r}")
+        if isinstance(self.iteration_ms, bool) or not isinstance(self.iteration_ms, (int, float)) \
+                or not 0 < self.iteration_ms <= 10_000:
+            raise ValueError(f"handler.iteration_ms must be a number in (0, 10000], got {self.iteration_ms!r}")
         if not isinstance(self.warmup, bool):
             raise ValueError(f"handler.warmup must be true or false, got {self.warmup!r}")
         if not 0 < self.timeout_fraction <= 1:
             raise ValueError(f"handler.timeout_fraction must be in (0, 1], got {self.timeout_fraction!r}")
         if not isinstance(self.fault_injection, bool):
             raise ValueError(f"handler.fault_injection must be true or false, got {self.fault_injection!r}")
-        if self.kv_budget_mib is not None and not self.kv_budget_mib > 0:
-            raise ValueError(f"handler.kv_budget_mib must be positive, got {self.kv_budget_mib!r}")
-        if self.max_batch_size < 1:
-            raise ValueError(f"batchSize must be >= 1, got {self.max_batch_size}")
+        if not _positive_int(self.max_batch_size):
+            raise ValueError(f"batchSize must be >= 1, got {self.max_batch_size!r}")
+        if not isinstance(self.continuous_batching, bool):
+            raise ValueError(f"continuousBatching must be true or false, got {self.continuous_batching!r}")
+
+    @property
+    def max_slots(self) -> int:
+        return self.pool.max_slots or self.max_batch_size
+
+    @property
+    def request_budget_s(self) -> float:
+        """Seconds a request may generate before it ends as "timeout"."""
+        return self.timeout_fraction * self.response_timeout_s
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":
             return torch.float16 if device.type == "cuda" else torch.float32
         return DTYPES[self.dtype]
+
+
+def _positive_int(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1

@@ -11,9 +11,9 @@ MODEL = "tiny-gpt2"
 VARIANTS = {
     # fault injection on, and limits wider than the model's 512 positions
     "tiny-faults": {"fault_injection": True, "limits": {"max_prompt_tokens": 500, "max_new_tokens": 400}},
-    # one generation may use at most 1 MiB
-    "tiny-budget": {"kv_budget_mib": 1},
-    # generations must finish within 0.1% of the response timeout: long ones are refused up front
+    # a slot pool of at most 1 MiB: short slots, longer requests get 507
+    "tiny-budget": {"pool": {"budget_mib": 1}},
+    # requests must finish within 0.1% of the response timeout: long ones are refused up front
     "tiny-hurried": {"timeout_fraction": 0.001},
 }
 

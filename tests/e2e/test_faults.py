@@ -58,8 +58,7 @@ def test_prompt_plus_new_tokens_beyond_the_models_positions_is_400(variants, cli
 
 
 def test_generation_that_cannot_finish_in_time_is_refused_up_front(variants, client):
-    [meta] = client.describe("tiny-hurried")
-    cap = meta["customizedMetadata"]["max_new_tokens_within_timeout"]
+    cap = client.report("tiny-hurried")["max_new_tokens_within_timeout"]
     assert 1 <= cap < 256
     r = client.predict_raw("tiny-hurried", {"prompt": "hi", "max_new_tokens": cap + 1})
     assert r.status_code == 400

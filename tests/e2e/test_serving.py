@@ -7,41 +7,31 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
-from handler.engine.decoding import RowRequest, generate
-from handler.engine.model import load_gpt2
-from handler.engine.params import GenerationParams, RequestLimits
-from handler.engine.text import decode
 from gpt2ops.client import parse_metric
+from gpt2ops.expected import ExpectedAnswers
+from gpt2ops.local_server import model_config
 from tests.e2e.conftest import MODEL
 
 
 @pytest.fixture(scope="module")
-def local_model(tiny_model_dir):
-    """The same weights in-process (float32, CPU: what the server runs), to know the right answers."""
-    return load_gpt2(tiny_model_dir, torch.device("cpu"), torch.float32)[1]
-
-
-def expected(local_model, tokenizer, prompt, **fields):
-    defaults = GenerationParams()
-    params = GenerationParams.from_request(fields, defaults=defaults, limits=RequestLimits(max_new_tokens=256),
-                                           vocab_size=local_model.vocab_size)
-    row = RowRequest(tokenizer.encode(prompt), params, (tokenizer.eos_token_id,), params.seed or 0)
-    result = generate(local_model, [row])[0]
-    return result.tokens, decode(tokenizer, result.tokens), result.finish_reason
+def expected(tiny_model_dir):
+    """The right answers: the same weights in-process (float32, CPU: what the server runs)."""
+    return ExpectedAnswers(tiny_model_dir)
 
 
 def test_registered_through_the_management_api(client):
     [description] = client.describe(MODEL, customized=False)
     assert description["modelName"] == MODEL
-    assert description["batchSize"] == 8 and description["maxBatchDelay"] == 20  # from model-config.yaml
+    shipped = model_config()  # the repo's model-config.yaml, which the archive carries
+    assert (description["batchSize"], description["maxBatchDelay"]) == (shipped["batchSize"], shipped["maxBatchDelay"])
+    assert description["batchSize"] == 8 and shipped["continuousBatching"] is True
     assert [w["status"] for w in description["workers"]] == ["READY"]
 
 
-def test_the_users_prompt_gets_a_contrastive_answer(client, local_model, tokenizer):
+def test_the_users_prompt_gets_a_contrastive_answer(client, expected, tokenizer):
     answer = client.generate(MODEL, "你是谁?", return_token_ids=True)
-    tokens, text, reason = expected(local_model, tokenizer, "你是谁?")
+    tokens, text, reason = vars(expected({"prompt": "你是谁?"})).values()
     assert answer["token_ids"] == tokens
     assert answer["generated_text"] == text
     assert answer["full_text"] == "你是谁?" + text
@@ -77,7 +67,7 @@ def test_plain_text_and_form_bodies(client):
     assert r.status_code == 200 and r.json()["completion_tokens"] == 3
 
 
-def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, client, local_model, tokenizer):
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, client, expected):
     prompts = [f"请问第{i}个问题是什么? Question {i}." for i in range(24)]
     modes = [{"decoding": "greedy"}, {}, {"top_k": 3, "penalty_alpha": 0.4},
              {"decoding": "sample", "seed": 5, "temperature": 0.9}]
@@ -86,8 +76,8 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, cl
     with ThreadPoolExecutor(max_workers=12) as pool:
         answers = list(pool.map(lambda job: client.generate(MODEL, job[0], **job[1]), jobs))
     for (prompt, fields), answer in zip(jobs, answers):
-        tokens, text, _ = expected(local_model, tokenizer, prompt,
-                                   **{k: v for k, v in fields.items() if k != "return_token_ids"})
+        want = expected({"prompt": prompt, **fields})
+        tokens, text = want.tokens, want.text
         assert answer["token_ids"] == tokens, prompt  # its answer does not depend on its batch-mates
         assert answer["full_text"] == prompt + text
     sizes = server.batch_sizes()[before:]
@@ -133,8 +123,7 @@ def test_stop_strings_and_eos_over_http(client):
 
 
 def test_describe_returns_the_memory_breakdown(client):
-    [description] = client.describe(MODEL)
-    meta = description["customizedMetadata"]
+    meta = client.report(MODEL)
     assert meta["device"] == "cpu"
     assert meta["memory"]["gpu"] is False and "no GPU" in meta["memory"]["note"]
     assert meta["memory"]["weights_mib"] > 0
@@ -146,6 +135,6 @@ def test_memory_gauges_on_the_metrics_endpoint(client):
     samples = parse_metric(client.metrics(), "WorkerMemoryMiB")
     by_part = {labels["Part"]: value for labels, value in samples if labels.get("ModelName") == MODEL}
     assert {labels["Device"] for labels, _ in samples} == {"cpu"}
-    [meta] = client.describe(MODEL)
-    assert by_part["weights"] == meta["customizedMetadata"]["memory"]["weights_mib"]
-    assert by_part["decode_buffers_at_max_batch"] > 0
+    meta = client.report(MODEL)
+    assert by_part["weights"] == meta["memory"]["weights_mib"]
+    assert by_part["slot_pool"] == meta["memory"]["slot_pool_mib"] > 0

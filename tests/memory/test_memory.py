@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from handler.memory.ledger import MIB, STAGES, MemoryLedger, Reading, split
-from handler.memory.plan import ModelShape, Plan, generation_bytes
+from handler.engine.pool import PoolShape
+from handler.memory.plan import ModelShape, Plan, activation_bytes, pool_parts
 from gpt2ops import measure_cuda_context, plan_memory
 
 M = MIB
@@ -82,25 +83,28 @@ def allocator(monkeypatch):
 # One worker's start-up, in bytes. NVML: (process, device used); allocator: (allocated, reserved, peak since
 # the previous stage). The device's used memory also grows by what another process allocates meanwhile, so the
 # device delta differs from the process's own figure and a test can tell which one was used.
-NVML_LISTED = [(None, 1000 * M), (522 * M, 1530 * M), (784 * M, 1800 * M), (1330 * M, 2400 * M)]
+NVML_LISTED = [(None, 1000 * M), (522 * M, 1530 * M), (784 * M, 1800 * M), (934 * M, 1950 * M),
+               (1480 * M, 2550 * M)]
 NVML_UNLISTED = [(None, used) for _, used in NVML_LISTED]  # another PID namespace: never listed
 ALLOCATOR = {
     "context": (0, 2 * M, 0),  # the 1-element tensor is gone; its 2 MiB block stays cached
     "weights": (240 * M, 242 * M, 240 * M),
-    "warmup": (272 * M, 762 * M, 700 * M),  # weights + 32 MiB cuBLAS workspace kept; peak 700 during warm-up
+    "pool": (390 * M, 392 * M, 390 * M),  # the slot pool: 150 MiB, allocated once
+    "warmup": (422 * M, 912 * M, 850 * M),  # + 32 MiB cuBLAS workspace kept; peak 850 during warm-up
 }
 # Worked out by hand (MiB):
-#   cuda_context       = driver after context - reserved then      = 522 - 2          = 520
-#   weights            = allocated after load - after context      = 240 - 0          = 240
-#   kv_and_activations = min(cache, warm-up peak - weights - kept) = min(490, 460-32) = 428
-#   allocator_cache    = (reserved - allocated) - the above        = 490 - 428        = 62
-#   other_allocated    = allocated after warm-up - after load      = 272 - 240        = 32
-#   other              = total - the named parts                   = 1330 - 1282      = 48
-LISTED_PARTS = {"cuda_context": 520, "weights": 240, "kv_and_activations": 428, "allocator_cache": 62,
+#   cuda_context    = driver after context - reserved then         = 522 - 2          = 520
+#   weights         = allocated after load - after context         = 240 - 0          = 240
+#   slot_pool       = allocated after the pool - after load        = 390 - 240        = 150
+#   activations     = min(cache, warm-up peak - pool level - kept) = min(490, 460-32) = 428
+#   allocator_cache = (reserved - allocated) - the above           = 490 - 428        = 62
+#   other_allocated = allocated after warm-up - after the pool     = 422 - 390        = 32
+#   other           = total - the named parts                      = 1480 - 1432      = 48
+LISTED_PARTS = {"cuda_context": 520, "weights": 240, "slot_pool": 150, "activations": 428, "allocator_cache": 62,
                 "other_allocated": 32, "other": 48}
-# Not listed: total = 2400 - 1000 = 1400, context = (1530 - 1000) - 2 = 528, other = 1400 - 1290 = 110.
+# Not listed: total = 2550 - 1000 = 1550, context = (1530 - 1000) - 2 = 528, other = 1550 - 1440 = 110.
 UNLISTED_PARTS = {**LISTED_PARTS, "cuda_context": 528, "other": 110}
-# No NVML: the allocator's reserved memory is all there is: total 762, no context, nothing unexplained.
+# No NVML: the allocator's reserved memory is all there is: total 912, no context, nothing unexplained.
 ALLOCATOR_ONLY_PARTS = {**LISTED_PARTS, "cuda_context": 0, "other": 0}
 
 
@@ -114,9 +118,9 @@ def run_startup(allocator, query, allocator_script=ALLOCATOR) -> MemoryLedger:
 
 
 @pytest.mark.parametrize("nvml,method,expected,total_mib", [
-    (NVML_LISTED, "nvml_process", LISTED_PARTS, 1330),
-    (NVML_UNLISTED, "nvml_device_delta", UNLISTED_PARTS, 1400),
-    (None, "allocator_only", ALLOCATOR_ONLY_PARTS, 762),
+    (NVML_LISTED, "nvml_process", LISTED_PARTS, 1480),
+    (NVML_UNLISTED, "nvml_device_delta", UNLISTED_PARTS, 1550),
+    (None, "allocator_only", ALLOCATOR_ONLY_PARTS, 912),
 ])
 def test_split_gives_the_hand_worked_parts(allocator, nvml, method, expected, total_mib):
     ledger = run_startup(allocator, ScriptedNvml(nvml) if nvml else None)
@@ -130,22 +134,22 @@ def test_split_gives_the_hand_worked_parts(allocator, nvml, method, expected, to
 
 def test_a_kept_context_tensor_counts_as_other_allocated_not_weights(allocator):
     script = {"context": (1 * M, 2 * M, 1 * M), "weights": (241 * M, 243 * M, 241 * M),
-              "warmup": (273 * M, 763 * M, 701 * M)}
+              "pool": (391 * M, 393 * M, 391 * M), "warmup": (423 * M, 913 * M, 851 * M)}
     parts, _ = split(run_startup(allocator, ScriptedNvml(NVML_LISTED), script).readings)
-    # weights 241 - 1 = 240; kept 273 - 241 = 32, plus the 1 MiB from the context stage = 33;
-    # other = 1330 - (520 + 240 + 428 + 62 + 33) = 47
+    # weights 241 - 1 = 240; pool 391 - 241 = 150; kept 423 - 391 = 32, plus the 1 MiB from the context stage = 33;
+    # other = 1480 - (520 + 240 + 150 + 428 + 62 + 33) = 47
     assert parts["weights"] == 240 * M
     assert parts["other_allocated"] == 33 * M
     assert parts["other"] == 47 * M
 
 
 def test_an_emptied_cache_holds_only_what_is_left(allocator):
-    nvml = NVML_LISTED[:3] + [(868 * M, 1938 * M)]
-    script = {**ALLOCATOR, "warmup": (272 * M, 300 * M, 700 * M)}  # torch.cuda.empty_cache() after the peak
+    nvml = NVML_LISTED[:4] + [(1018 * M, 2088 * M)]
+    script = {**ALLOCATOR, "warmup": (422 * M, 450 * M, 850 * M)}  # torch.cuda.empty_cache() after the peak
     parts, _ = split(run_startup(allocator, ScriptedNvml(nvml), script).readings)
-    # cache = 300 - 272 = 28 < the 428 the peak used: all of it is KV/activations, none is spare cache;
-    # other = 868 - (520 + 240 + 28 + 0 + 32) = 48
-    assert (parts["kv_and_activations"], parts["allocator_cache"], parts["other"]) == (28 * M, 0, 48 * M)
+    # cache = 450 - 422 = 28 < the 428 the peak used: all of it is activations, none is spare cache;
+    # other = 1018 - (520 + 240 + 150 + 28 + 0 + 32) = 48
+    assert (parts["activations"], parts["allocator_cache"], parts["other"]) == (28 * M, 0, 48 * M)
 
 
 def _random_readings(seed: int) -> dict[str, Reading]:
@@ -154,9 +158,11 @@ def _random_readings(seed: int) -> dict[str, Reading]:
     ctx_res = rng.randrange(1, 4 * M)
     w_alloc = rng.randrange(1, 10_000 * M)
     w_res = w_alloc + rng.randrange(0, 64 * M)
-    warm_alloc = w_alloc + rng.randrange(0, 100 * M)
+    pool_alloc = w_alloc + rng.randrange(0, 2_000 * M)
+    pool_res = max(w_res, pool_alloc) + rng.randrange(0, 64 * M)
+    warm_alloc = pool_alloc + rng.randrange(0, 100 * M)
     warm_peak = warm_alloc + rng.randrange(0, 5_000 * M)
-    warm_res = max(w_res, warm_peak) + rng.randrange(0, 100 * M)
+    warm_res = max(pool_res, warm_peak) + rng.randrange(0, 100 * M)
     ctx_proc = ctx_res + rng.randrange(300 * M, 1300 * M)
     warm_proc = ctx_proc + (warm_res - ctx_res) + rng.randrange(0, 200 * M)
     base = rng.randrange(0, 1000 * M)
@@ -164,6 +170,7 @@ def _random_readings(seed: int) -> dict[str, Reading]:
         "start": Reading("start", None, base, 0, 0, 0),
         "context": Reading("context", ctx_proc, base + ctx_proc, 0, ctx_res, rng.randrange(0, 1024)),
         "weights": Reading("weights", ctx_proc + w_res, base + ctx_proc + w_res, w_alloc, w_res, w_alloc),
+        "pool": Reading("pool", ctx_proc + pool_res, base + ctx_proc + pool_res, pool_alloc, pool_res, pool_alloc),
         "warmup": Reading("warmup", warm_proc, base + warm_proc, warm_alloc, warm_res, warm_peak),
     }
 
@@ -190,42 +197,42 @@ def test_start_stage_does_not_touch_cuda(allocator):
 
 def test_peak_is_measured_from_the_previous_stage(allocator):
     ledger = run_startup(allocator, ScriptedNvml(NVML_LISTED))
-    assert [ledger.readings[s].peak_allocated for s in STAGES] == [0, 0, 240 * M, 700 * M]
-    assert allocator.peak == 272 * M  # reset after the last reading
+    assert [ledger.readings[s].peak_allocated for s in STAGES] == [0, 0, 240 * M, 390 * M, 850 * M]
+    assert allocator.peak == 422 * M  # reset after the last reading
 
 
 REPORT_KEYS = {"device", "gpu", "gpu_name", "driver_version", "gpu_total_mib", "driver_figure", "total_mib",
-               "parts_mib", "parts_explain_percent", "weights_expected_mib", "decode_buffers_at_max_batch_mib",
+               "parts_mib", "parts_explain_percent", "weights_expected_mib", "slot_pool_expected_mib",
                "each_extra_worker_costs_mib", "stages"}
 
 
 def test_breakdown_json(allocator):
     ledger = run_startup(allocator, ScriptedNvml(NVML_LISTED))
-    report = json.loads(json.dumps(ledger.breakdown(weights_bytes=240 * M, decode_buffers_bytes=400 * M)))
+    report = json.loads(json.dumps(ledger.breakdown(weights_bytes=240 * M, pool_bytes=150 * M)))
     assert set(report) == REPORT_KEYS
     assert report["gpu"] is True
     assert (report["gpu_name"], report["driver_version"], report["gpu_total_mib"]) == ("Fake GPU", "999.1", 81920.0)
     assert report["driver_figure"] == "nvml_process"
-    assert report["total_mib"] == 1330.0
+    assert report["total_mib"] == 1480.0
     assert report["parts_mib"] == {k: float(v) for k, v in LISTED_PARTS.items()}
-    assert report["parts_explain_percent"] == round(100 * 1282 / 1330, 2) == 96.39
-    assert report["each_extra_worker_costs_mib"] == 760.0  # context 520 + weights 240
-    assert (report["weights_expected_mib"], report["decode_buffers_at_max_batch_mib"]) == (240.0, 400.0)
+    assert report["parts_explain_percent"] == round(100 * 1432 / 1480, 2) == 96.76
+    assert report["each_extra_worker_costs_mib"] == 910.0  # context 520 + weights 240 + its own pool 150
+    assert (report["weights_expected_mib"], report["slot_pool_expected_mib"]) == (240.0, 150.0)
     assert set(report["stages"]) == set(STAGES)
     assert report["stages"]["start"] == {"driver_process": None, "driver_device_used": 1000.0, "allocated": 0.0,
                                          "reserved": 0.0, "peak_allocated": 0.0}
-    assert report["stages"]["warmup"] == {"driver_process": 1330.0, "driver_device_used": 2400.0,
-                                          "allocated": 272.0, "reserved": 762.0, "peak_allocated": 700.0}
+    assert report["stages"]["warmup"] == {"driver_process": 1480.0, "driver_device_used": 2550.0,
+                                          "allocated": 422.0, "reserved": 912.0, "peak_allocated": 850.0}
 
 
 def test_cpu_report_says_there_is_no_gpu():
     ledger = MemoryLedger.for_device(torch.device("cpu"))
     for stage in STAGES:
         ledger.mark(stage)
-    report = json.loads(json.dumps(ledger.breakdown(weights_bytes=3 * M, decode_buffers_bytes=M // 2)))
+    report = json.loads(json.dumps(ledger.breakdown(weights_bytes=3 * M, pool_bytes=M // 2)))
     assert report["gpu"] is False
     assert "no GPU" in report["note"]
-    assert (report["weights_mib"], report["decode_buffers_at_max_batch_mib"]) == (3.0, 0.5)
+    assert (report["weights_mib"], report["slot_pool_mib"]) == (3.0, 0.5)
     assert "parts_mib" not in report
 
 
@@ -271,16 +278,18 @@ def _numel(shape) -> int:
     return n
 
 
-@pytest.mark.parametrize("shape,B,T,N,K,dtype_bytes,expected", [
-    # 2 * L * B * (T + N + K) * d * bytes, by hand
-    (plan_memory.SHAPES["110m"], 8, 256, 256, 16, 2, 155_713_536),  # 2*12*8*528*768*2
-    (plan_memory.SHAPES["3.5b"], 1, 100, 100, 4, 4, 150_405_120),  # 2*30*1*204*3072*4
-    (ModelShape(**TINY), 2, 10, 20, 1, 2, 126_976),  # 2*4*2*31*128*2 (greedy: one scratch slot)
+@pytest.mark.parametrize("shape,S,L,K,dtype_bytes,expected", [
+    # 2 * layers * slots * (max_len + the candidate bucket of K) * d * bytes, by hand
+    (plan_memory.SHAPES["110m"], 8, 512, 16, 2, 155_713_536),  # 2*12*8*528*768*2
+    (plan_memory.SHAPES["3.5b"], 1, 200, 4, 4, 150_405_120),  # 2*30*1*204*3072*4
+    (ModelShape(**TINY), 2, 30, 1, 2, 139_264),  # 2*4*2*34*128*2 (k 1: the smallest bucket, 4 candidates)
 ])
-def test_kv_cache_bytes_are_the_hand_formula(shape, B, T, N, K, dtype_bytes, expected):
-    got = generation_bytes(shape, batch=B, prompt_len=T, max_new=N, k=K, dtype_bytes=dtype_bytes)
+def test_kv_cache_bytes_are_the_hand_formula(shape, S, L, K, dtype_bytes, expected):
+    pool = PoolShape(S, L, K)
+    got = pool_parts(shape, pool, dtype_bytes)
     assert got["kv_cache"] == expected
-    assert got["total"] >= got["kv_cache"] + got["slot_state"] + got["activations"]
+    assert got["context_hidden"] == S * L * shape.n_embd * 4  # float32 whatever the model's dtype
+    assert activation_bytes(shape, pool, dtype_bytes) > 0
 
 
 def test_plan_kv_part_is_the_formula_in_mib():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from handler.engine.text import RowText, decode, find_stop
+from handler.engine.text import IncrementalText, detokenizer, find_stop
 
 
 def test_find_stop_takes_the_earliest():
@@ -13,7 +13,7 @@ def test_find_stop_takes_the_earliest():
 
 
 def stream_all(tokenizer, tokens, stops, step):
-    row = RowText(tokenizer, stops)
+    row = IncrementalText(detokenizer(tokenizer), stops)
     chunks, keep = [], None
     for i in range(0, len(tokens), step):
         keep = row.add(tokens[i:i + step])
@@ -42,11 +42,11 @@ def test_stop_string_cuts_before_it_and_is_never_streamed(tokenizer, step):
     assert row.text() == "Hello there. The weather is "
     assert "".join(chunks) == row.text()
     assert keep == len(row.tokens) < len(tokens)
-    assert "nice today" in decode(tokenizer, tokens[:keep]) and "nice today" not in decode(tokenizer, tokens[:keep - 1])
+    assert "nice today" in detokenizer(tokenizer)(tokens[:keep]) and "nice today" not in detokenizer(tokenizer)(tokens[:keep - 1])
 
 
 def test_text_that_could_grow_into_a_stop_string_is_held_back(tokenizer):
-    row = RowText(tokenizer, ("world!",))
+    row = IncrementalText(detokenizer(tokenizer), ("world!",))
     row.add(tokenizer.encode("hello wor"))
     assert row.increment() == "hello "
     row.add(tokenizer.encode("ds"))

@@ -5,43 +5,43 @@ from __future__ import annotations
 import pytest
 import torch
 
-from handler.engine.decoding import left_pad
 from handler.engine.model import load_gpt2
-from handler.engine.kv_cache import DecodeBuffers
 
 
-def hf_logits(hf, ids, valid):
-    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-    out = hf(input_ids=ids, attention_mask=valid.long(), position_ids=positions)
-    return out.logits
+def empty_cache(model, rows: int, positions: int) -> torch.Tensor:
+    return torch.zeros(2, model.n_layer, rows, model.n_head, positions, model.head_dim, dtype=model.dtype)
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.15)])
 def test_prefill_logits_match_transformers(tiny_model_dir, dtype, atol):
     hf, model = load_gpt2(tiny_model_dir, torch.device("cpu"), dtype)
-    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [300, 301, 302, 303]]
-    ids, valid = left_pad(prompts, "cpu")
-    buffers = DecodeBuffers.allocate(model, len(prompts), ids.shape[1] + 4, contrastive=False)
-    with torch.no_grad():
-        ours = model.logits(model.prefill(ids, (valid.long().cumsum(1) - 1).clamp(min=0), valid, buffers.kv))
-        theirs = hf_logits(hf, ids, valid).float()
-    assert torch.allclose(ours[valid], theirs[valid], atol=atol, rtol=0)
-    assert (ours[valid].argmax(-1) == theirs[valid].argmax(-1)).float().mean() >= (1.0 if dtype == torch.float32
-                                                                                     else 0.9)
+    for prompt in ([5, 6, 7, 8, 9, 10], [11, 12], [300, 301, 302, 303]):
+        ids = torch.tensor([prompt])
+        T = len(prompt)
+        with torch.no_grad():
+            ours = model.logits(model.prefill(ids, torch.arange(T)[None], torch.ones(1, T, dtype=torch.bool),
+                                              empty_cache(model, 1, T + 4)))
+            theirs = hf(input_ids=ids).logits.float()
+        assert torch.allclose(ours, theirs, atol=atol, rtol=0)
+        assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= (1.0 if dtype == torch.float32 else 0.9)
 
 
 def test_candidates_see_their_context_and_themselves_only(tiny_model_dir):
     """K candidates in one forward = K separate full forwards of prompt + candidate."""
     hf, model = load_gpt2(tiny_model_dir, torch.device("cpu"), torch.float32)
     prompts = [[5, 6, 7, 8], [40, 41]]
-    cands = torch.tensor([[100, 200, 300], [7, 8, 9]])
-    ids, valid = left_pad(prompts, "cpu")
-    T, K = ids.shape[1], cands.shape[1]
-    buffers = DecodeBuffers.allocate(model, 2, T + K + 1, contrastive=False)
+    cands = torch.tensor([[100, 200, 300, 5], [7, 8, 9, 10]])
+    K, P = cands.shape[1], 8  # positions [0, 4) context, [4, 8) the candidates' scratch
+    kv = empty_cache(model, 2, P)
+    valid = torch.zeros(2, P, dtype=torch.bool)
     with torch.no_grad():
-        model.prefill(ids, (valid.long().cumsum(1) - 1).clamp(min=0), valid, buffers.kv)
-        buffers.valid[:, :T] = valid
-        hidden = model.candidates(cands, valid.long().sum(1), T + torch.arange(K), buffers.valid, buffers.kv)
+        for row, prompt in enumerate(prompts):
+            T = len(prompt)
+            model.prefill(torch.tensor([prompt]), torch.arange(T)[None], torch.ones(1, T, dtype=torch.bool),
+                          kv[:, :, row:row + 1])
+            valid[row, :T] = True
+        positions = torch.tensor([len(p) for p in prompts])
+        hidden = model.candidates(cands, positions, 4 + torch.arange(K), valid, kv)
         for b, prompt in enumerate(prompts):
             for j in range(K):
                 full = hf.transformer(input_ids=torch.tensor([prompt + [int(cands[b, j])]])).last_hidden_state

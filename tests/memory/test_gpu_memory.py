@@ -22,11 +22,11 @@ import torch
 from handler.memory.ledger import MIB
 from handler.memory.plan import WORKSPACE_MIB_HOPPER, WORKSPACE_MIB_PRE_HOPPER, ModelShape, Plan
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# Small limits: prompt and new tokens equal, so that the plan (which splits max_len in halves) models the
-# same generation as the warm-up (the largest batch, k, prompt and new tokens the limits allow).
+# Small limits: prompt and new tokens equal, so that the plan (which puts a prompt of half max_len in its
+# activations) models the warm-up (the longest prompt, then the full pool with the largest k).
 LIMITS = {"max_prompt_tokens": 64, "max_new_tokens": 64, "max_top_k": 8}
 BATCH = 4
 
@@ -40,14 +40,16 @@ from tests.ts_context import make_context
 model_dir, model_yaml_config = Path(sys.argv[1]), json.loads(sys.argv[2])
 handler = ContrastiveGPT2Handler()
 handler.initialize(make_context(model_dir, model_yaml_config, gpu=0))
-config = handler.hf_model.config
+config = handler.loaded.hf_model.config
+pool = handler.engine.shape
 print(json.dumps({
     "report": handler.memory_report,
     "shape": {k: getattr(config, k) for k in ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions",
                                                "n_inner", "tie_word_embeddings")},
-    "parameter_bytes": sum(p.numel() * p.element_size() for p in handler.hf_model.parameters()),
-    "dtype_bytes": handler.model.dtype.itemsize,
-    "warmup_shape": list(handler._warmup_shape()),
+    "parameter_bytes": handler.loaded.weights_bytes,
+    "pool_bytes": handler.engine.pool.nbytes(),
+    "dtype_bytes": handler.loaded.model.dtype.itemsize,
+    "pool": [pool.max_slots, pool.max_len, pool.max_top_k],
     "capability": list(torch.cuda.get_device_capability(handler.device)),
 }))
 """
@@ -109,14 +111,20 @@ def test_weights_part_is_the_parameter_bytes(warm):
 
 @needs_gpu
 def test_plan_predicts_the_measured_total_within_10_percent(warm):
-    batch, prompt, new, k = warm["warmup_shape"]
-    assert (batch, prompt, new, k) == (BATCH, 64, 64, 8)  # what the plan below models
+    slots, max_len, k = warm["pool"]
+    assert (slots, max_len, k) == (BATCH, 128, 8)  # what the plan below models
     report = warm["report"]
     workspace = WORKSPACE_MIB_HOPPER if warm["capability"][0] >= 9 else WORKSPACE_MIB_PRE_HOPPER
-    plan = Plan(ModelShape.from_config(warm["shape"]), warm["dtype_bytes"], 1, batch, k, prompt + new,
+    plan = Plan(ModelShape.from_config(warm["shape"]), warm["dtype_bytes"], 1, slots, k, max_len,
                 context_mib=report["parts_mib"]["cuda_context"], workspace_mib=workspace)
     predicted, measured = plan.per_worker()["total"], report["total_mib"]
     assert abs(predicted - measured) <= 0.10 * measured, (plan.per_worker(), json.dumps(report, indent=2))
+
+
+@needs_gpu
+def test_the_pool_part_is_the_pool_that_was_allocated(warm):
+    pool_mib = warm["report"]["parts_mib"]["slot_pool"]
+    assert abs(pool_mib - warm["pool_bytes"] / MIB) <= 1 + 0.02 * warm["pool_bytes"] / MIB, warm["report"]
 
 
 @needs_gpu

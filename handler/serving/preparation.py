@@ -1,0 +1,85 @@
+"""From one TorchServe request entry to an engine request, or to the error its client gets.
+
+This is the boundary where a request is prepared: reading the body
+(`handler.serving.request`), its parameters (`GenerationParams.from_request`),
+the tokenizer, and admission (`handler.serving.admission`). Whatever the
+request contains, it comes out as a `Prepared` or a `RequestError` of its own:
+nothing raised here reaches TorchServe (which would fail the whole batch), so
+a request never takes its neighbours down.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+
+from handler.engine.params import GenerationParams
+from handler.engine.scheduler import Request
+from handler.serving.admission import Admission
+from handler.serving.errors import RequestError
+from handler.serving.request import header, read_request
+from handler.serving.settings import HandlerSettings
+
+logger = logging.getLogger(__name__)
+
+FAULT_HEADER = "X-Fault-Injection"
+
+
+@dataclass
+class Prepared:
+    """A request ready for the engine, with what its answer needs."""
+
+    prompt: str
+    request: Request
+
+
+class Preparation:
+    """Prepares requests for one worker: its settings, tokenizer, model limits and admission."""
+
+    def __init__(self, settings: HandlerSettings, tokenizer, vocab_size: int, eos_ids: tuple[int, ...],
+                 admission: Admission):
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_ids = eos_ids
+        self.admission = admission
+
+    def prepare(self, request_id: str, entry: Any, headers: Mapping[str, Any] | None) -> Prepared | RequestError:
+        """One entry of TorchServe's batch (and its headers) -> a Prepared, or the RequestError to answer."""
+        try:
+            return self._prepare(request_id, entry, headers if isinstance(headers, Mapping) else {})
+        except RequestError as err:
+            return err
+        except Exception as err:  # noqa: BLE001 - an internal fault fails this request alone, never the batch
+            logger.exception("preparing request %s failed", request_id)
+            return RequestError("body", f"internal error while reading this request ({type(err).__name__}); "
+                                "see the worker log", status=500)
+
+    def _prepare(self, request_id: str, entry: Any, headers: Mapping[str, Any]) -> Prepared:
+        settings = self.settings
+        raw = read_request(entry if isinstance(entry, Mapping) else {}, headers, settings.limits.max_body_bytes)
+        params = GenerationParams.from_request(raw.fields, defaults=settings.defaults, limits=settings.limits,
+                                               vocab_size=self.vocab_size)
+        prompt_ids = self.tokenizer.encode(raw.prompt)
+        if not prompt_ids:
+            raise RequestError("prompt", "the prompt has no tokens")
+        self.admission.check(len(prompt_ids), params)
+        seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
+        eos = params.eos_token_id if params.eos_token_id is not None else self.eos_ids
+        request = Request(request_id, prompt_ids, params, eos, seed, deadline=self.admission.deadline(),
+                          on_admit=self._fault(headers))
+        return Prepared(raw.prompt, request)
+
+    def _fault(self, headers: Mapping[str, Any]) -> Callable[[], None] | None:
+        """Tests only (`handler.fault_injection`): "X-Fault-Injection: oom" fails the request's prefill."""
+        if not self.settings.fault_injection or header(headers, FAULT_HEADER) != "oom":
+            return None
+
+        def out_of_memory() -> None:
+            raise torch.OutOfMemoryError(f"simulated out of memory ({FAULT_HEADER}: oom)")
+
+        return out_of_memory
