@@ -184,10 +184,13 @@ class TorchServe:
         url = f"{self.management_url}/token"
         r = self._request("GET", url, params={"type": kind}, headers=_auth(self.key("API")), timeout=30)
         if r.status_code != 200:
-            cls = KeyRejected if _is_invalid_key(r) else TorchServeError
-            raise cls(r.status_code, r.text, f"renewing the {kind} key with the API key of {self.key_file}",
-                      f"this key file is not the running server's: pass --run-dir with the directory it was "
-                      f"started from (it writes key_file.json there at start), or restart it (make stop && make run)")
+            what = f"the server refused the {kind} key, and renewing it with the API key of {self.key_file}"
+            if _is_invalid_key(r):
+                raise KeyRejected(r.status_code, r.text, what,
+                                  f"{key_hint(kind, self.key_file)}; this file is not the running server's: pass "
+                                  f"--run-dir with the directory the server was started from, or restart it "
+                                  f"(make stop && make run)")
+            raise self.error(r, what, "API")
         return self.key(kind)
 
     def _request(self, method: str, url: str, **kw) -> requests.Response:
