@@ -8,6 +8,7 @@ tests/e2e/test_ops_failures.py.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -31,9 +32,12 @@ def run_tool(script: str, *args: str, env: dict | None = None, timeout: float = 
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
-    """The tool failed with exactly one line on stderr, `error: ...`, and no traceback."""
+    """The tool failed with exactly one line on stderr, `error: ...`, and no traceback.
+
+    Under make, make's own `make: *** [Makefile:N: target] Error 1` follows it and is not counted.
+    """
     assert proc.returncode != 0, proc.stdout
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not re.match(r"make(\[\d+\])?: \*\*\* ", line)]
     assert len(lines) == 1, f"{len(lines)} lines on stderr:\n{proc.stderr[-3000:]}"
     assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr, lines[0]
     return lines[0]
