@@ -102,7 +102,7 @@ def workers_of(run_dir: Path) -> list[psutil.Process]:
 def describe(proc: psutil.Process) -> str:
     """'pid 123 (python3 -m http.server 8080)', or for a TorchServe frontend the directory it runs from."""
     if is_frontend(proc):
-        return f"another TorchServe (pid {proc.pid}, started from {started_from(proc) or 'an unknown directory'})"
+        return f"a TorchServe frontend (pid {proc.pid}, started from {started_from(proc) or 'an unknown directory'})"
     words = " ".join(_cmdline(proc)) or _safe_name(proc)
     return f"pid {proc.pid} ({words[:100] + ('…' if len(words) > 100 else '')})"
 

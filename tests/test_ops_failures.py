@@ -141,6 +141,29 @@ def test_archive_sh_names_a_folder_without_a_model(tmp_path):
     assert f"{tmp_path}/config.json not found" in one_error_line(proc)
 
 
+def test_stop_gives_up_after_its_bound_and_names_what_still_runs(tmp_path):
+    """A frontend that ignores SIGTERM (a stand-in with the frontend's class name on its command line)."""
+    run_dir = tmp_path / "run"
+    (run_dir / "tmp").mkdir(parents=True)
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                                 "signal.SIG_IGN); print('ready', flush=True); time.sleep(120)",
+                                 "org.pytorch.serve.ModelServer"], cwd=run_dir, stdout=subprocess.PIPE, text=True)
+    try:
+        assert stubborn.stdout.readline().strip() == "ready"  # SIGTERM is ignored from here on
+        (run_dir / "tmp" / ".model_server.pid").write_text(str(stubborn.pid))
+        start = time.monotonic()
+        proc = subprocess.run([str(REPO / "scripts" / "stop.sh"), "--run-dir", str(run_dir), "--timeout", "1"],
+                              capture_output=True, text=True, timeout=30)
+        line = one_error_line(proc)
+        assert time.monotonic() - start < 10
+        assert f"did not stop within 1 s: a TorchServe frontend (pid {stubborn.pid}" in line, line
+        assert f"kill them with: kill -9 {stubborn.pid}" in line, line
+        assert stubborn.poll() is None
+    finally:
+        stubborn.kill()
+        stubborn.wait(10)
+
+
 # ---- the lines quoted from TorchServe's logs (their text as TorchServe 0.12.0 writes it, seen here) ----
 
 BIND_FAILURE = """\

@@ -98,6 +98,21 @@ def test_busy_port_fails_before_starting_and_names_the_holder(tmp_path, model_st
     assert frontend(run_dir) is None  # nothing was started
 
 
+def test_port_held_by_another_torchserve_names_its_run_dir(server, tmp_path, model_store, stop_afterwards):
+    """Another checkout's `make run` holds the port: say which server it is and how to stop it."""
+    config = config_with(tmp_path, management_address=server.client.management_url)
+    run_dir = tmp_path / "run"
+    stop_afterwards.append(run_dir)
+    proc, seconds = run([str(REPO / "scripts" / "serve.sh"), "--config", str(config), "--run-dir", str(run_dir),
+                         "--model-store", str(model_store)])
+    line = one_error_line(proc)
+    port = server.client.management_url.rsplit(":", 1)[1]
+    assert f"port {port} on 127.0.0.1 (management_address in {config})" in line, line
+    assert f"a TorchServe frontend (pid {frontend(server.run_dir).pid}, started from {server.run_dir})" in line, line
+    assert f"stop it with scripts/stop.sh --run-dir {server.run_dir}" in line, line
+    assert seconds < 10 and server.client.ping()
+
+
 def test_torchserve_dying_at_start_is_reported_at_once_with_its_reason(tmp_path, model_store, stop_afterwards):
     """A config TorchServe refuses: its own line from torchserve.out, as soon as it exits (was: 180 s, then 'see ts_log.log')."""
     config = config_with(tmp_path, inference_address="http://127.0.0.1:notaport")
@@ -125,11 +140,15 @@ def test_second_start_from_the_same_run_dir_says_what_runs_and_how_to_stop_it(se
 
 
 def test_make_run_again_reuses_the_server_and_replaces_the_model(server, model_store):
-    """`make run` a second time: was a silent restart (new keys, other models gone); now it says it reuses it."""
+    """`make run` a second time: was a silent restart (new keys, other models gone); now it says it reuses it.
+
+    On the session server, with a copy of the archive under another name, so that the other tests' model stays.
+    """
     name = "tiny-again"
     shutil.copy(model_store / f"{MODEL}.mar", model_store / f"{name}.mar")
-    steps = ["serve", "register", "query", f"MODEL_NAME={name}", "PROMPT=hi", *server_vars(server, model_store)]
-    first, _ = make(*[s for s in steps if s != "query"])  # the model is registered on a running server
+    # the steps of `make run` that meet the running server (archive only rebuilds the .mar; query asks it)
+    steps = ["serve", "register", f"MODEL_NAME={name}", *server_vars(server, model_store)]
+    first, _ = make(*steps)
     try:
         assert first.returncode == 0, first.stderr
         keys, pid = read_keys(server.run_dir / "key_file.json"), frontend(server.run_dir).pid
@@ -142,7 +161,7 @@ def test_make_run_again_reuses_the_server_and_replaces_the_model(server, model_s
         assert read_keys(server.run_dir / "key_file.json") == keys and frontend(server.run_dir).pid == pid
         assert server.workers(name)[0]["pid"] != worker  # the archive just built is the one served
         assert server.client.is_registered(MODEL)  # the other models stay
-        assert '"generated_text"' in again.stdout  # and the query answered
+        assert server.client.generate(name, "hi", max_new_tokens=2)["completion_tokens"] == 2
     finally:
         server.client.unregister(name)
 
