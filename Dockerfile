@@ -30,7 +30,7 @@ ARG MODEL_DIR=artifacts/models/Wenzhong-GPT2-110M
 ARG MODEL_NAME=Wenzhong-GPT2-110M
 WORKDIR /build
 COPY handler/ handler/
-COPY scripts/archive.sh scripts/archive.sh
+COPY scripts/archive.sh scripts/env.sh scripts/
 COPY model-config.yaml ./
 COPY ${MODEL_DIR}/ model/
 RUN scripts/archive.sh /build/model "${MODEL_NAME}" /build/model_store

@@ -1,5 +1,7 @@
-# make run   save the tiny model, archive it, start TorchServe, register, ask "你是谁?" (server keeps running)
-# make stop  stop that server
+# make run   save the tiny model, archive it, start TorchServe, register, ask "你是谁?" (server keeps running).
+#            A second `make run` reuses the server already running from $(RUN_DIR) when it answers /ping
+#            (same keys, other registered models stay) and replaces $(MODEL_NAME) with the archive just built.
+# make stop  stop that server; returns once its processes are gone
 # make test  the whole test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,6 +9,8 @@ BIN := $(VENV)/bin
 MODEL_NAME ?= tiny-gpt2
 MODEL_DIR ?= artifacts/models/$(MODEL_NAME)
 RUN_DIR ?= run
+TS_CONFIG ?= config.properties
+MODEL_STORE ?= model_store
 PROMPT ?= 你是谁?
 
 export PATH := $(abspath $(BIN)):$(PATH)
@@ -29,17 +33,18 @@ $(MODEL_DIR)/model.safetensors: | venv
 model: $(MODEL_DIR)/model.safetensors
 
 archive: model
-	scripts/archive.sh $(MODEL_DIR) $(MODEL_NAME)
+	scripts/archive.sh $(MODEL_DIR) $(MODEL_NAME) $(MODEL_STORE)
 
+# --reuse: a healthy server from $(RUN_DIR) is kept (and says so); a busy port or a dead start fails in one line
 serve: venv
-	@scripts/stop.sh --run-dir $(RUN_DIR) >/dev/null 2>&1 || true
-	scripts/serve.sh --run-dir $(RUN_DIR)
+	scripts/serve.sh --reuse --run-dir $(RUN_DIR) --config $(TS_CONFIG) --model-store $(MODEL_STORE)
 
+# --replace: a model registered already is replaced by the archive just built (and says so)
 register: venv
-	$(BIN)/python scripts/register.py $(MODEL_NAME) --run-dir $(RUN_DIR)
+	$(BIN)/python scripts/register.py $(MODEL_NAME) --replace --run-dir $(RUN_DIR) --config $(TS_CONFIG)
 
 query: venv
-	$(BIN)/python scripts/query.py "$(PROMPT)" --model $(MODEL_NAME) --run-dir $(RUN_DIR) --json
+	$(BIN)/python scripts/query.py "$(PROMPT)" --model $(MODEL_NAME) --run-dir $(RUN_DIR) --config $(TS_CONFIG) --json
 
 run: archive serve register query
 	@echo

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from gpt2ops.client import TorchServe
+from gpt2ops.errors import OpsError
 
 from gpt2ops import REPO
 
@@ -56,8 +57,10 @@ def build_archive(model_dir: Path, name: str, store: Path, config: dict | None =
         config_file = store.parent / f"{name}.model-config.yaml"
         config_file.write_text(yaml.safe_dump(config, allow_unicode=True))
         env["MODEL_CONFIG"] = str(config_file)
-    subprocess.run([str(REPO / "scripts" / "archive.sh"), str(model_dir), name, str(store)], check=True,
-                   env=env, capture_output=True, timeout=300)
+    proc = subprocess.run([str(REPO / "scripts" / "archive.sh"), str(model_dir), name, str(store)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise OpsError(f"scripts/archive.sh failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return store / f"{name}.mar"
 
 
@@ -102,8 +105,10 @@ def start_server(root: Path, store: Path, **properties) -> Server:
             text += f"\n{key}={value}\n"
     config = root / "config.properties"
     config.write_text(text)
-    subprocess.run([str(REPO / "scripts" / "serve.sh"), "--config", str(config), "--model-store", str(store),
-                    "--run-dir", str(run_dir)], check=True, env=script_env(), capture_output=True, timeout=180)
+    proc = subprocess.run([str(REPO / "scripts" / "serve.sh"), "--config", str(config), "--model-store", str(store),
+                           "--run-dir", str(run_dir)], env=script_env(), capture_output=True, text=True, timeout=240)
+    if proc.returncode != 0:  # serve.sh's one line: the cause and the next step
+        raise OpsError(f"scripts/serve.sh failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
     server = Server(TorchServe.from_config(config, run_dir), run_dir, config)
     server.client.timeout = 120
     return server

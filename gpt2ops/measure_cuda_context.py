@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Measure the CUDA context of a fresh PyTorch process, with lazy and with eager kernel loading.
 
-    python scripts/measure_cuda_context.py              # GPU 0, a table
-    python scripts/measure_cuda_context.py --device 1 --json
+    .venv/bin/python scripts/measure_cuda_context.py              # GPU 0, a table
+    .venv/bin/python scripts/measure_cuda_context.py --device 1 --json
 
 The user's experiment, done right. For each CUDA_MODULE_LOADING mode (LAZY,
 EAGER) a fresh Python process (nothing else in it has touched CUDA) reads the
@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 
 from gpt2ops import REPO
+from gpt2ops.errors import report as report_error
 
 MIB = 2**20
 MODES = ("LAZY", "EAGER")
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = measure(args.device)
     except (RuntimeError, subprocess.TimeoutExpired) as err:
-        print(f"error: {err}", file=sys.stderr)
+        report_error(err)
         return 1
     print(json.dumps({"cuda": True, "device": args.device, "rows": rows}, indent=2) if args.json
           else format_table(rows))

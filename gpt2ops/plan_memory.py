@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """Predict a worker's GPU memory, part by part, and whether N workers fit on one GPU, before deploying.
 
-    python scripts/plan_memory.py --shape 110m --gpu h100
-    python scripts/plan_memory.py --shape 3.5b --gpu h100 --batch 8
-    python scripts/plan_memory.py --model-dir artifacts/models/tiny-gpt2 --workers 4 --gpu-mib 16384 --json
-    python scripts/plan_memory.py --config config.json --measure-context     # context measured on this GPU
+    .venv/bin/python scripts/plan_memory.py --shape 110m --gpu h100
+    .venv/bin/python scripts/plan_memory.py --shape 3.5b --gpu h100 --batch 8
+    .venv/bin/python scripts/plan_memory.py artifacts/models/tiny-gpt2 --workers 4 --gpu-mib 16384 --json
+    .venv/bin/python scripts/plan_memory.py --config config.json --measure-context   # context measured on this GPU
+
+The model is a saved model folder or a config.json, given as the first argument or with
+--model-dir / --config, or a built-in shape (--shape).
 
 The arithmetic is `handler.memory.plan.Plan`: CUDA context + weights + KV
 cache + context hidden states and token slots + activations of the largest
@@ -27,6 +30,7 @@ import sys
 from pathlib import Path
 
 from gpt2ops import REPO
+from gpt2ops.errors import report as report_error
 
 from handler.memory.plan import (
     DEFAULT_CONTEXT_MIB,
@@ -81,7 +85,15 @@ def shape_from_config_file(path: Path) -> ModelShape:
 def resolve_shape(args) -> tuple[ModelShape, str]:
     if args.shape:
         return SHAPES[args.shape], f"built-in shape {args.shape}"
-    path = args.config if args.config else args.model_dir / "config.json"
+    if args.model is not None:  # positional: a folder or a config.json
+        if args.model.is_dir():
+            path = args.model / "config.json"
+        elif args.model.is_file():
+            path = args.model
+        else:
+            raise UsageError(f"no model folder or config.json at {args.model}")
+    else:
+        path = args.config if args.config else args.model_dir / "config.json"
     return shape_from_config_file(path), str(path)
 
 
@@ -195,6 +207,7 @@ def non_negative_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("model", nargs="?", type=Path, help="a saved model folder (or its config.json)")
     model.add_argument("--model-dir", type=Path, help="a saved model folder (reads its config.json)")
     model.add_argument("--config", type=Path, help="a GPT-2 config.json")
     model.add_argument("--shape", choices=sorted(SHAPES), help="a built-in shape: Wenzhong-GPT2-110M or the 3.5B")
@@ -224,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = plan_report(args)
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        report_error(err)
         return 2
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["fits"] else 1

@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Register a model archive from the model store through TorchServe's management API, with the management key.
 
-    python scripts/register.py tiny-gpt2            # model_store/tiny-gpt2.mar, 1 worker, waits for it
+    .venv/bin/python scripts/register.py tiny-gpt2             # model_store/tiny-gpt2.mar, 1 worker, waits for it
+    .venv/bin/python scripts/register.py tiny-gpt2 --replace   # unregister it first when it is registered
 
-Reads the key from <run-dir>/key_file.json; exits non-zero with TorchServe's own message when it fails.
+Reads the key from <run-dir>/key_file.json (--run-dir, else $RUN_DIR, else run/). When the worker
+cannot start, the error line quotes the worker's own message from <run-dir>/logs/model_log.log
+(TorchServe itself answers only "Failed to start workers").
 """
 
 from __future__ import annotations
@@ -11,34 +14,34 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from gpt2ops import REPO
-
-from gpt2ops.client import TorchServe, TorchServeError
+from gpt2ops.client import TorchServe, default_config, default_run_dir
+from gpt2ops.errors import cli
 
 
+@cli
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_name")
     parser.add_argument("--archive", help="archive name in the model store (default: <model_name>.mar)")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--config", default=str(REPO / "config.properties"))
-    parser.add_argument("--run-dir", default=str(REPO / "run"))
+    parser.add_argument("--replace", action="store_true",
+                        help="when the model is registered already, unregister it and register the archive again")
+    parser.add_argument("--config", default=default_config(), help="the server's config.properties "
+                        "(default: $TS_CONFIG, else the repo's)")
+    parser.add_argument("--run-dir", default=default_run_dir(), help="the directory the server was started from, "
+                        "with key_file.json and logs/ (default: $RUN_DIR, else run/)")
     args = parser.parse_args(argv)
 
     server = TorchServe.from_config(args.config, args.run_dir)
-    if not server.key_file.exists():
-        print(f"error: {server.key_file} not found: is TorchServe running from {args.run_dir}?", file=sys.stderr)
-        return 1
-    try:
-        answer = server.register(args.archive or f"{args.model_name}.mar", args.model_name, args.workers)
-    except TorchServeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        if err.status == 409:
-            print(f"hint: {args.model_name} is registered already (DELETE {server.management_url}/models/"
-                  f"{args.model_name} to replace it)", file=sys.stderr)
-        return 1
+    archive = args.archive or f"{args.model_name}.mar"
+    replaced = args.replace and server.is_registered(args.model_name)
+    if replaced:
+        server.unregister(args.model_name)
+    answer = server.register(archive, args.model_name, args.workers)
+    if replaced:
+        print(f"{args.model_name} was registered already: replaced it with {archive} "
+              f"(the server, its keys and its other models are unchanged)", file=sys.stderr)
     print(json.dumps(answer, ensure_ascii=False))
     return 0
 

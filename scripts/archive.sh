@@ -8,16 +8,24 @@
 # installs nothing. --extra-files copies a folder's *contents* to the archive root,
 # so the package is staged as <stage>/handler/ and arrives as handler/ next to the
 # entry file gpt2_handler.py, which imports it as `handler.*` (as the tests do).
+#
+# torch-model-archiver comes from the project environment (.venv, `make venv`) when it exists, else
+# from PATH. MODEL_CONFIG=FILE archives another model-config.yaml.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-MODEL_DIR="${1:?usage: archive.sh MODEL_DIR NAME [EXPORT_DIR]}"
-NAME="${2:?usage: archive.sh MODEL_DIR NAME [EXPORT_DIR]}"
+source "$REPO/scripts/env.sh"
+case "${1:-}" in -h|--help) usage "${BASH_SOURCE[0]}"; exit 0 ;; esac
+[[ $# -ge 2 ]] || die "usage: scripts/archive.sh MODEL_DIR NAME [EXPORT_DIR]; see scripts/archive.sh --help"
+MODEL_DIR="$1"
+NAME="$2"
 EXPORT_DIR="${3:-$REPO/model_store}"
 CONFIG_FILE="${MODEL_CONFIG:-$REPO/model-config.yaml}"
 
-[[ -f "$MODEL_DIR/config.json" ]] || { echo "error: $MODEL_DIR/config.json not found (run scripts/save_model.py)" >&2; exit 1; }
-ls "$MODEL_DIR"/*.safetensors >/dev/null 2>&1 || { echo "error: no .safetensors in $MODEL_DIR" >&2; exit 1; }
+[[ -f "$MODEL_DIR/config.json" ]] || die "$MODEL_DIR/config.json not found; save the model there first (scripts/save_model.py --out $MODEL_DIR)"
+ls "$MODEL_DIR"/*.safetensors >/dev/null 2>&1 || die "no .safetensors in $MODEL_DIR; save it with scripts/save_model.py"
+[[ -f "$CONFIG_FILE" ]] || die "no model config at $CONFIG_FILE; unset MODEL_CONFIG or point it at a model-config.yaml"
+need torch-model-archiver "run make venv (it installs torch-model-archiver==0.12.0 into .venv)"
 
 STAGE="$(mktemp -d)"
 trap 'rm -rf "$STAGE"' EXIT
