@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 
 
-from handler.engine.decoding import RowRequest, generate
+from handler.engine import Engine, GenerationParams, PoolShape, Request
 from handler.engine.model import CompactGPT2
-from handler.engine.params import GenerationParams
 
 SHAPES = {
     "110m": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
@@ -55,14 +54,19 @@ def sync(device):
 
 
 def time_engine(model, mode: str, batch: int, prompt_len: int, new: int, device) -> float:
+    """Seconds for `batch` requests of `mode` submitted together to a pool of `batch` slots (prefill included)."""
     params = GenerationParams(**{**MODES[mode].__dict__, "max_new_tokens": new})
     g = torch.Generator().manual_seed(batch)
-    rows = [RowRequest(torch.randint(1, model.vocab_size, (prompt_len,), generator=g).tolist(), params, (), seed=i)
-            for i in range(batch)]
-    generate(model, rows, sync_every=16)  # warm-up
+    prompts = [torch.randint(1, model.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+    engine = Engine(model, PoolShape(batch, prompt_len + new, params.num_candidates), sync_every=16)
+
+    def run(tag: str) -> list:
+        return engine.generate([Request(f"{tag}{i}", p, params, (), seed=i) for i, p in enumerate(prompts)])
+
+    run("warm-up")
     sync(device)
     start = time.perf_counter()
-    results = generate(model, rows, sync_every=16)
+    results = run("timed")
     sync(device)
     assert all(len(r.tokens) == new for r in results)
     return time.perf_counter() - start

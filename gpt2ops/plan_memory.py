@@ -2,19 +2,21 @@
 """Predict a worker's GPU memory, part by part, and whether N workers fit on one GPU, before deploying.
 
     .venv/bin/python scripts/plan_memory.py --shape 110m --gpu h100
-    .venv/bin/python scripts/plan_memory.py --shape 3.5b --gpu h100 --batch 8
+    .venv/bin/python scripts/plan_memory.py --shape 3.5b --gpu h100 --slots 8
     .venv/bin/python scripts/plan_memory.py artifacts/models/tiny-gpt2 --workers 4 --gpu-mib 16384 --json
     .venv/bin/python scripts/plan_memory.py --config config.json --measure-context   # context measured on this GPU
 
 The model is a saved model folder or a config.json, given as the first argument or with
 --model-dir / --config, or a built-in shape (--shape).
 
-The arithmetic is `handler.memory.plan.Plan`: CUDA context + weights + KV
-cache + context hidden states and token slots + activations of the largest
-step + cuBLAS workspace + allocator slack, per worker; every worker on a GPU
-pays all of it again (its own context, its own copy of the weights). The
-defaults (batch 8, top-k 16, 512 tokens) are the warm-up of model-config.yaml:
-batchSize 8, max_top_k 16, max_prompt_tokens + max_new_tokens = 256 + 256.
+The arithmetic is `handler.memory.plan.Plan`: CUDA context + weights + the
+slot pool (KV cache, context hidden states and slot state: what the worker
+allocates once at start) + activations of the largest prefill or step +
+cuBLAS workspace + allocator slack, per worker; every worker on a GPU pays all
+of it again (its own context, its own copy of the weights, its own pool). The
+defaults (8 slots of 512 positions, top-k 16) are the pool of the shipped
+model-config.yaml: batchSize 8, max_top_k 16, max_prompt_tokens + max_new_tokens
+= 256 + 256.
 The CUDA context defaults to the H100 figure of `handler.memory.plan`
 (lazy module loading); `--measure-context` measures it on this machine's GPU
 with `scripts/measure_cuda_context.py`, `--context-mib` takes a figure you have.
@@ -130,7 +132,7 @@ def plan_report(args) -> dict:
         raise UsageError(f"--max-len {args.max_len} exceeds the model's {shape.n_positions} positions")
     gpu_name, gpu_mib, workspace = resolve_gpu(args)
     context, context_source = resolve_context(args)
-    plan = Plan(shape, DTYPE_BYTES[args.dtype], args.workers, args.batch, args.top_k, args.max_len, context,
+    plan = Plan(shape, DTYPE_BYTES[args.dtype], args.workers, args.slots, args.top_k, args.max_len, context,
                 workspace)
     per_worker = plan.per_worker()
     per_gpu = plan.per_gpu_mib()
@@ -141,7 +143,7 @@ def plan_report(args) -> dict:
         "shape": {k: getattr(shape, k) for k in shape.__dataclass_fields__},
         "parameters": shape.parameter_count(),
         "dtype": args.dtype,
-        "batch": args.batch,
+        "slots": args.slots,
         "top_k": args.top_k,
         "max_len": args.max_len,
         "prompt_tokens": prompt,
@@ -163,8 +165,8 @@ def format_report(r: dict) -> str:
     lines = [
         f"model: {r['source']}: n_layer {s['n_layer']}, n_embd {s['n_embd']}, n_head {s['n_head']}, "
         f"vocab {s['vocab_size']}, n_positions {s['n_positions']} ({r['parameters'] / 1e6:,.1f} M parameters)",
-        f"generation: {r['dtype']}, batch {r['batch']}, top-k {r['top_k']}, {r['max_len']} tokens "
-        f"({r['prompt_tokens']} prompt + {r['new_tokens']} new); CUDA context {r['context_source']}",
+        f"slot pool: {r['dtype']}, {r['slots']} slots of {r['max_len']} positions, top-k {r['top_k']} "
+        f"(activations for a {r['prompt_tokens']}-token prompt); CUDA context {r['context_source']}",
         "",
         f"{'part':<26}{'MiB per worker':>16}",
     ]
@@ -213,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--shape", choices=sorted(SHAPES), help="a built-in shape: Wenzhong-GPT2-110M or the 3.5B")
     parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="float16")
     parser.add_argument("--workers", type=positive_int, default=1, help="workers per GPU (default 1)")
-    parser.add_argument("--batch", type=positive_int, default=8, help="largest batch (default 8: batchSize)")
+    parser.add_argument("--slots", "--batch", dest="slots", type=positive_int, default=8,
+                        help="requests decoded at once: the pool's slots (default 8: batchSize)")
     parser.add_argument("--top-k", type=positive_int, default=16, help="contrastive candidates (default 16: max_top_k)")
     parser.add_argument("--max-len", type=positive_int, default=512, help="prompt + new tokens (default 512)")
     context = parser.add_mutually_exclusive_group()

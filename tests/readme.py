@@ -19,7 +19,7 @@ README = REPO / "README.md"
 NEEDS_HUB = re.compile(r"IDEA-CCNL|Wenzhong")  # the Hugging Face Hub (no network here), or what it would save
 NEEDS_GPU = re.compile(r"--device cuda|--measure-context")
 NEEDS_DOCKER = re.compile(r"^docker\b")  # no Docker engine here (the Dockerfile is linted in test_dockerfile.py)
-SLOW = re.compile(r"^\.venv/bin/python benchmarks/")  # minutes: `make bench`; the load test has its own e2e test
+SLOW = re.compile(r"^\.venv/bin/python (-m )?benchmarks[./]")  # minutes: `make bench`; the load test has its own e2e test
 NOT_HERE = re.compile(r"^make\b")  # make run/stop use port 8080 and run/, make test is this suite: targets checked
 
 

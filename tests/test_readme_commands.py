@@ -34,7 +34,10 @@ def python() -> str:
 
 @functools.lru_cache(maxsize=None)
 def help_text(program: str) -> str:
-    argv = [python(), program] if program.endswith(".py") else [str(REPO / program)]
+    if program.startswith("-m "):  # a module run from the checkout: python -m benchmarks.decode
+        argv = [python(), "-m", program[3:]]
+    else:
+        argv = [python(), program] if program.endswith(".py") else [str(REPO / program)]
     env = {**os.environ, "PATH": "/usr/bin:/bin"}  # as in a fresh shell: nothing of the project on PATH
     proc = subprocess.run([*argv, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, f"{program} --help failed ({proc.returncode}): {proc.stderr[-2000:]}"
@@ -72,9 +75,10 @@ def test_readme_command_invocation(heading, command):
         missing = {t for t in w[1:] if "=" not in t} - makefile_targets()
         assert not missing, f"Makefile has no target {missing}"
     elif w[0] == ".venv/bin/python":
-        script = w[1]
+        module = w[2] if w[1] == "-m" else None
+        script = module.replace(".", "/") + ".py" if module else w[1]
         assert (REPO / script).is_file(), f"{script} does not exist"
-        unknown = [o for o in options(command) if o not in help_text(script)]
+        unknown = [o for o in options(command) if o not in help_text(f"-m {module}" if module else script)]
         assert not unknown, f"{script} --help does not know {unknown}"
     elif w[0].startswith("scripts/"):
         script = REPO / w[0]

@@ -327,7 +327,7 @@ def test_more_context_batch_and_length_cost_more():
 
 @pytest.mark.parametrize("argv,rc,verdict", [
     (["--shape", "110m", "--gpu", "h100"], 0, "FITS"),
-    (["--shape", "3.5b", "--gpu", "h100", "--batch", "8"], 0, "FITS"),
+    (["--shape", "3.5b", "--gpu", "h100", "--slots", "8"], 0, "FITS"),
     (["--shape", "3.5b", "--workers", "16", "--gpu-mib", "16384"], 1, "DOES NOT FIT"),
     (["--shape", "3.5b", "--gpu", "t4"], 0, "FITS"),
     (["--shape", "3.5b", "--gpu", "t4", "--workers", "2"], 1, "DOES NOT FIT"),
