@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 from gpt2ops.client import read_properties
 from gpt2ops.local_server import free_port, start_server
@@ -373,18 +375,22 @@ def test_torchserve_pre_stop_waits_for_open_connections(proxy, ts):
             drain.wait()
 
 
-def test_proxy_pre_stop_lets_a_stream_in_flight_finish(ts):
-    """proxy.sh drain (the pre-stop) stops accepting at once and still delivers the whole stream in flight."""
+def test_proxy_pre_stop_lets_a_request_in_flight_finish(ts):
+    """proxy.sh drain (the pre-stop) makes nginx stop accepting at once, yet a request it had already accepted is
+    still answered in full, streamed. The request is held in flight by its body: half of it is sent before
+    the pre-stop, the rest after nginx has closed its listening socket, so the timing does not depend on how
+    fast the model generates."""
     with running_proxy(host_port(ts.client.inference_url)) as proxy:
+        body = json.dumps({"prompt": "你是谁?", "stream": True, "max_new_tokens": 40, "decoding": "greedy"}).encode()
         conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=120)
         drain = None
         try:
-            payload = {"prompt": "你是谁?", "stream": True, "max_new_tokens": 200, "decoding": "greedy"}
-            conn.request("POST", f"/predictions/{MODEL}", body=json.dumps(payload).encode(),
-                         headers={"Content-Type": "application/json", **bearer(proxy.key())})
-            r = conn.getresponse()
-            assert r.status == 200
-            reads = [(time.monotonic(), r.read1(65536))]  # the stream has started
+            conn.putrequest("POST", f"/predictions/{MODEL}")
+            for name, value in {"Content-Type": "application/json", "Content-Length": str(len(body)),
+                                **bearer(proxy.key())}.items():
+                conn.putheader(name, value)
+            conn.endheaders(message_body=body[:10])
+            time.sleep(0.2)  # nginx has accepted the connection and is reading the body
             drain = subprocess.Popen(["/bin/sh", str(proxy.root / "conf" / "proxy.sh"), "drain"],
                                      env=proxy_env(proxy.root, "unused", proxy.port, proxy.probe_port,
                                                    DRAIN_DELAY_SECONDS="0"),
@@ -393,15 +399,18 @@ def test_proxy_pre_stop_lets_a_stream_in_flight_finish(ts):
             while port_open(proxy.port):  # graceful stop: the listening socket closes first
                 assert time.monotonic() < deadline, "nginx kept accepting after the pre-stop's SIGQUIT"
                 time.sleep(0.01)
-            refused_at = time.monotonic()
+            assert drain.poll() is None, "the pre-stop returned with a request in flight"
+            conn.send(body[10:])
+            r = conn.getresponse()
+            assert r.status == 200, r.read()
+            reads = []
             while data := r.read1(65536):
                 reads.append((time.monotonic(), data))
             lines = lines_with_arrival(reads)
             final = lines[-1][1]
             assert final["finish_reason"] in ("length", "eos"), final
-            assert "".join(line["text"] for _, line in lines) == final["generated_text"]
-            assert lines[-1][0] > refused_at, "the stream had ended before nginx stopped accepting"
-            assert proxy.process.wait(timeout=30) == 0  # nginx exited by itself once the stream was done
+            assert len(lines) > 1 and "".join(line["text"] for _, line in lines) == final["generated_text"]
+            assert proxy.process.wait(timeout=30) == 0  # nginx exited by itself once the answer was done
             # (reaped first: the hook waits for the pid to vanish, and here an unreaped nginx stays a zombie;
             # in the pod nginx is the container's PID 1 and the container ends with it)
             assert drain.wait(timeout=10) == 0, drain.stdout.read()
@@ -431,3 +440,68 @@ def test_proxy_refuses_to_start_with_a_bad_key(key, message):
         assert out.returncode != 0 and message in out.stderr, out
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def mount_namespaces_work() -> bool:
+    try:
+        return subprocess.run(["unshare", "--mount", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not mount_namespaces_work(), reason="needs `unshare --mount` (root) to make / read-only")
+def test_torchserve_runs_on_a_read_only_root_filesystem(model_store):
+    """The pod's readOnlyRootFilesystem: TorchServe, started as the pod starts it (scripts/serve.sh --foreground,
+    the pod's config, HOME=TMPDIR=/tmp), loads and serves the model when only its run directory and /tmp
+    (the pod's two emptyDirs) are writable. In a private mount namespace, / is remounted read-only."""
+    base = Path(tempfile.mkdtemp(prefix="k8s-rofs-", dir="/var/tmp"))  # not under /tmp: /tmp is replaced below
+    run, tmp, store = base / "run", base / "tmp", base / "store"
+    for d in (run, tmp, store):
+        d.mkdir()
+    shutil.copy(model_store / f"{MODEL}.mar", store)
+    ports = {key: free_port() for key in ("inference", "management", "metrics")}
+    config = (BASE / "torchserve" / "config.properties").read_text()
+    for key, port in ports.items():
+        config, n = re.subn(rf"^{key}_address=http://[0-9.]+:\d+$", f"{key}_address=http://127.0.0.1:{port}", config,
+                            flags=re.M)
+        assert n == 1, key
+    for key in ("grpc_inference_port", "grpc_management_port"):
+        config = re.sub(rf"^{key}=\d+$", f"{key}={free_port()}", config, flags=re.M)
+    (base / "config.properties").write_text(config)
+    setup = (f"set -e; mount --make-rprivate /; mount --bind {run} {run}; mount --bind {tmp} /tmp; "
+             "mount -o remount,bind,ro /; "
+             "if touch /var/tmp/.rofs-check 2>/dev/null; then echo '/ is writable' >&2; exit 1; fi; "
+             f"exec {REPO}/scripts/serve.sh --foreground --config {base}/config.properties --model-store {store} "
+             f"--run-dir {run}")
+    # the torchserve container's own environment (HOME, TMPDIR, OMP_NUM_THREADS, ...), less the probes' addresses
+    deployment = yaml.safe_load((BASE / "deployment.yaml").read_text())
+    [container] = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "torchserve"]
+    pod_env = {e["name"]: e["value"] for e in container["env"] if e["name"] not in ("TS_INFERENCE", "TS_MANAGEMENT")}
+    assert pod_env["HOME"] == pod_env["TMPDIR"] == "/tmp"
+    environment = {**os.environ, **pod_env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    environment.pop("TS_CONFIG")  # serve.sh gets the rewritten copy with --config
+    log = (base / "serve.log").open("wb")
+    server = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", setup],
+                              env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    probe = {"PATH": os.environ["PATH"], "TS_INFERENCE": f"127.0.0.1:{ports['inference']}",
+             "TS_MANAGEMENT": f"127.0.0.1:{ports['management']}", "MODEL_NAME": MODEL}
+    try:
+        deadline = time.monotonic() + 180
+        while run_probe("ready", probe).returncode != 0:
+            assert server.poll() is None, (base / "serve.log").read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, (run / "logs" / "ts_log.log").read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+        r = requests.post(f"http://127.0.0.1:{ports['inference']}/predictions/{MODEL}",
+                          json={"prompt": "你是谁?", "max_new_tokens": 5}, timeout=60)
+        assert r.status_code == 200 and r.json()["completion_tokens"] == 5, r.text
+        assert (run / "logs" / "ts_log.log").exists()  # what it wrote went to the writable run directory
+    finally:
+        subprocess.run([str(REPO / "scripts" / "stop.sh"), "--run-dir", str(run)], capture_output=True, timeout=120,
+                       env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+        log.close()
+        shutil.rmtree(base, ignore_errors=True)
