@@ -132,7 +132,7 @@ def proxy_root(keys: dict[str, str]) -> Path:
 
 
 def proxy_env(root: Path, ts_inference: str, port: int, probe_port: int, **extra) -> dict[str, str]:
-    return {"PATH": f"/usr/sbin:/usr/bin:/sbin:/bin", "PROXY_LISTEN": f"127.0.0.1:{port}",
+    return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PROXY_LISTEN": f"127.0.0.1:{port}",
             "PROBE_LISTEN": f"127.0.0.1:{probe_port}", "TS_INFERENCE": ts_inference,
             "API_KEY_DIR": str(root / "keys"), "NGINX_PREFIX": str(root / "nginx"), **extra}
 

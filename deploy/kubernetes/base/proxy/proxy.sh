@@ -57,6 +57,7 @@ start() {
     mkdir -p "$PREFIX"
     write_keys
     # Only these three variables are substituted: nginx's own $variables stay as they are.
+    # shellcheck disable=SC2016  # the single quotes are the point: envsubst gets the names, not values
     envsubst '${PROXY_LISTEN} ${PROBE_LISTEN} ${TS_INFERENCE}' <"$HERE/nginx.conf.template" >"$PREFIX/nginx.conf"
     # -e: the error log before the config is read (the compiled-in path is on the read-only root).
     exec nginx -e stderr -p "$PREFIX/" -c "$PREFIX/nginx.conf" -g 'daemon off;'
