@@ -17,15 +17,25 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: run stop test venv model archive serve register query bench bench-hf clean
+.PHONY: run stop test venv model archive serve register query bench bench-hf clean system-packages
 
-$(BIN)/.installed: requirements.txt pyproject.toml
+$(BIN)/.installed: requirements.txt requirements-k8s-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-k8s-test.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
-venv: $(BIN)/.installed
+# Debian's nginx and envsubst, for the end-to-end test of the Kubernetes pod's auth proxy
+# (tests/e2e/test_k8s_auth_proxy.py). Installed only when missing; as root here and on CI, else with sudo.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+system-packages:
+	@if [ -x /usr/sbin/nginx ] && command -v envsubst >/dev/null; then :; else \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx gettext-base; \
+	fi
+
+venv: $(BIN)/.installed system-packages
 
 $(MODEL_DIR)/model.safetensors: | venv
 	$(BIN)/python scripts/save_model.py --tiny --out $(MODEL_DIR)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Exit 0 when TorchServe answers /ping as Healthy. /ping needs the inference key under token authorization,
-# read here from the run directory's key_file.json. Used by scripts/serve.sh and the Docker HEALTHCHECK.
+# Exit 0 when TorchServe answers /ping as Healthy. Under token authorization /ping needs the inference key,
+# read here from the run directory's key_file.json; with `disable_token_authorization=true` in the config
+# (a server bound to loopback behind an auth proxy, as in deploy/kubernetes/) TorchServe writes no key file
+# and /ping is called without a key. Used by scripts/serve.sh and the Docker HEALTHCHECK.
 #   scripts/healthcheck.sh [--run-dir DIR] [--config FILE]
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,8 +16,12 @@ while [[ $# -gt 0 ]]; do
   esac
   shift
 done
-KEY_FILE="$RUN_DIR/key_file.json"
-[[ -r "$KEY_FILE" ]] || exit 1
-KEY="$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["inference"]["key"])' "$KEY_FILE")" || exit 1
+AUTH=()
+if ! grep -qE '^disable_token_authorization=true[[:space:]]*$' "$CONFIG"; then
+  KEY_FILE="$RUN_DIR/key_file.json"
+  [[ -r "$KEY_FILE" ]] || exit 1
+  KEY="$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["inference"]["key"])' "$KEY_FILE")" || exit 1
+  AUTH=(-H "Authorization: Bearer $KEY")
+fi
 INFERENCE="$(sed -n 's/^inference_address=//p' "$CONFIG" | tail -n1)"
-curl -fsS --max-time 5 -H "Authorization: Bearer $KEY" "${INFERENCE:-http://127.0.0.1:8080}/ping" | grep -q Healthy
+curl -fsS --max-time 5 "${AUTH[@]+"${AUTH[@]}"}" "${INFERENCE:-http://127.0.0.1:8080}/ping" | grep -q Healthy
