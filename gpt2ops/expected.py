@@ -15,7 +15,8 @@ import torch
 
 from handler.engine import Request, generate
 from handler.engine.model import load_gpt2
-from handler.engine.params import GenerationParams, RequestLimits
+from handler.engine.params import GenerationParams
+from handler.serving.fields import RequestLimits, params_from_request
 from handler.engine.text import detokenizer
 
 
@@ -41,7 +42,7 @@ class ExpectedAnswers:
 
     def __call__(self, body: dict) -> Expected:
         fields = {k: v for k, v in body.items() if k not in ("prompt", "return_token_ids", "stream")}
-        params = GenerationParams.from_request(fields, defaults=self.defaults, limits=self.limits,
+        params = params_from_request(fields, defaults=self.defaults, limits=self.limits,
                                                vocab_size=self.model.vocab_size)
         request = Request("expected", self.tokenizer.encode(body["prompt"]), params, (self.tokenizer.eos_token_id,),
                           params.seed or 0)

@@ -18,10 +18,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from handler.engine.params import GenerationParams, RequestLimits
+from handler.engine.params import GenerationParams
 from handler.engine.pool import PoolShape
 from handler.memory.plan import MIB
 from handler.serving.errors import RequestError
+from handler.serving.fields import RequestLimits
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """From one TorchServe request entry to an engine request, or to the error its client gets.
 
 This is the boundary where a request is prepared: reading the body
-(`handler.serving.request`), its parameters (`GenerationParams.from_request`),
+(`handler.serving.request`), its parameters (`handler.serving.fields`),
 the tokenizer, and admission (`handler.serving.admission`). Whatever the
 request contains, it comes out as a `Prepared` or a `RequestError` of its own:
 nothing raised here reaches TorchServe (which would fail the whole batch), so
@@ -17,10 +17,10 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from handler.engine.params import GenerationParams
 from handler.engine.scheduler import Request
 from handler.serving.admission import Admission
 from handler.serving.errors import RequestError
+from handler.serving.fields import params_from_request
 from handler.serving.request import header, read_request
 from handler.serving.settings import HandlerSettings
 
@@ -62,7 +62,7 @@ class Preparation:
     def _prepare(self, request_id: str, entry: Any, headers: Mapping[str, Any]) -> Prepared:
         settings = self.settings
         raw = read_request(entry if isinstance(entry, Mapping) else {}, headers, settings.limits.max_body_bytes)
-        params = GenerationParams.from_request(raw.fields, defaults=settings.defaults, limits=settings.limits,
+        params = params_from_request(raw.fields, defaults=settings.defaults, limits=settings.limits,
                                                vocab_size=self.vocab_size)
         prompt_ids = self.tokenizer.encode(raw.prompt)
         if not prompt_ids:

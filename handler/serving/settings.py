@@ -15,7 +15,8 @@ from typing import Any, Mapping
 
 import torch
 
-from handler.engine.params import GenerationParams, RequestLimits
+from handler.engine.params import GenerationParams
+from handler.serving.fields import RequestLimits, defaults_from_config
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_RESPONSE_TIMEOUT_S = 120  # TorchServe's default_response_timeout
@@ -74,7 +75,7 @@ class HandlerSettings:
         config = dict(model_yaml_config or {})
         raw = dict(config.get("handler") or {})
         limits = RequestLimits.from_config(raw.pop("limits", None))
-        defaults = GenerationParams.defaults_from_config(raw.pop("defaults", None), limits)
+        defaults = defaults_from_config(raw.pop("defaults", None), limits)
         pool = PoolSettings.from_config(raw.pop("pool", None))
         known = {f.name for f in fields(cls)} - {"pool", "defaults", "limits", "max_batch_size",
                                                     "response_timeout_s", "continuous_batching"}

@@ -15,7 +15,7 @@ import torch
 
 from gpt2ops.local_server import model_config
 from handler.engine import Request, generate
-from handler.engine.params import GenerationParams
+from handler.serving.fields import params_from_request
 from handler.engine.text import detokenizer
 from handler.gpt2_handler import ContrastiveGPT2Handler
 from tests.ts_context import Frontend, make_context
@@ -55,7 +55,7 @@ def run(handler, bodies, headers=None, **kw):
 
 def local(handler, prompt, **fields):
     """What the engine gives for one prompt alone, outside the handler."""
-    params = GenerationParams.from_request(fields, defaults=handler.settings.defaults, limits=handler.settings.limits,
+    params = params_from_request(fields, defaults=handler.settings.defaults, limits=handler.settings.limits,
                                            vocab_size=handler.loaded.model.vocab_size)
     ids = handler.loaded.tokenizer.encode(prompt)
     request = Request("local", ids, params, handler.loaded.eos_ids, params.seed or 0)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 
 from handler.serving.errors import RequestError
-from handler.engine.params import GenerationParams, RequestLimits
+from handler.engine.params import GenerationParams
+from handler.serving.fields import RequestLimits, defaults_from_config, params_from_request
 
 LIMITS = RequestLimits()
 VOCAB = 1000
 
 
 def parse(**fields) -> GenerationParams:
-    return GenerationParams.from_request(fields, defaults=GenerationParams(), limits=LIMITS, vocab_size=VOCAB)
+    return params_from_request(fields, defaults=GenerationParams(), limits=LIMITS, vocab_size=VOCAB)
 
 
 VALID = [
@@ -99,16 +100,16 @@ def test_invalid_requests_name_the_field(fields, field, message):
 
 def test_operator_defaults_apply_and_are_checked():
     limits = RequestLimits(max_new_tokens=100)
-    defaults = GenerationParams.defaults_from_config({"max_new_tokens": 32, "top_k": 6, "temperature": 0.5},
+    defaults = defaults_from_config({"max_new_tokens": 32, "top_k": 6, "temperature": 0.5},
                                                     limits)
     assert (defaults.max_new_tokens, defaults.top_k, defaults.temperature) == (32, 6, 0.5)
-    params = GenerationParams.from_request({"do_sample": True}, defaults=defaults, limits=limits, vocab_size=VOCAB)
+    params = params_from_request({"do_sample": True}, defaults=defaults, limits=limits, vocab_size=VOCAB)
     assert params.temperature == 0.5 and params.top_k == 6 and params.max_new_tokens == 32
     for bad, words in [({"top_k": 1}, "top_k must be >= 2"), ({"max_new_tokens": 101}, "<= 100"),
                        ({"seed": 1}, "unknown handler.defaults keys"),
                        ({"decoding": "greedy", "do_sample": True}, "do_sample must be false")]:
         with pytest.raises(ValueError, match=words):
-            GenerationParams.defaults_from_config(bad, limits)
+            defaults_from_config(bad, limits)
 
 
 @pytest.mark.parametrize("raw,words", [

@@ -1,0 +1,269 @@
+"""The request fields, in one table: it drives request parsing, the operator's defaults and the README's table.
+
+Each `Field` says what JSON type a field takes, in which decoding modes it
+applies, how an operator's limit narrows its range, and whether an operator
+may give it a default (`handler.defaults` in model-config.yaml). From the table:
+
+- `params_from_request`: a request's fields -> `GenerationParams`, or a
+  `RequestError` naming the first field at fault (400);
+- `defaults_from_config`: `handler.defaults` -> the `GenerationParams` that
+  requests start from (a wrong default stops the worker, naming the key);
+- `markdown_rows`: the README's request table (tests/serving/test_fields.py
+  checks that the README shows exactly these rows).
+
+The ranges that hold for every worker live with `GenerationParams`
+(`handler.engine.params.RANGES`), which checks them wherever it is built;
+here the limits of this worker narrow them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable, Mapping
+
+from handler.engine.params import DECODING_MODES, MAX_EOS_IDS, RANGES, GenerationParams, InvalidParameter, Range
+from handler.serving.errors import RequestError
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds an operator sets in model-config.yaml (`handler.limits`); requests beyond them get 400."""
+
+    max_prompt_tokens: int = 512  # longest prompt, in tokens
+    max_new_tokens: int = 256  # largest `max_new_tokens` a request may ask for
+    max_top_k: int = 16  # most contrastive candidates per step (the pool holds scratch positions for them)
+    max_stop_strings: int = 4  # most entries in `stop`
+    max_stop_length: int = 64  # longest stop string, in characters
+    max_body_bytes: int = 65536  # largest request body the handler accepts
+
+    @classmethod
+    def from_config(cls, raw: Mapping[str, Any] | None) -> "RequestLimits":
+        raw = dict(raw or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown handler.limits keys {unknown}; known: {sorted(known)}")
+        for name, value in raw.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"handler.limits.{name} must be a positive integer, got {value!r}")
+        return cls(**raw)
+
+
+# ---- JSON readers: each returns the value in the engine's type or raises InvalidParameter naming the field ----
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def read_integer(name: str, value: Any, limits: RequestLimits) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidParameter(name, f"{name} must be an integer, got {_type_name(value)} ({_describe(value)})")
+    return value
+
+
+def read_number(name: str, value: Any, limits: RequestLimits) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidParameter(name, f"{name} must be a number, got {_type_name(value)} ({_describe(value)})")
+    if not math.isfinite(value):
+        raise InvalidParameter(name, f"{name} must be a finite number, got {float(value)}")
+    return float(value)
+
+
+def read_boolean(name: str, value: Any, limits: RequestLimits) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidParameter(name, f"{name} must be true or false, got {_type_name(value)} ({_describe(value)})")
+    return value
+
+
+def read_decoding(name: str, value: Any, limits: RequestLimits) -> str:
+    if not isinstance(value, str) or value not in DECODING_MODES:
+        raise InvalidParameter(name, f"{name} must be one of {', '.join(map(repr, DECODING_MODES))}, "
+                               f"got {_describe(value)}")
+    return value
+
+
+def read_stop(name: str, value: Any, limits: RequestLimits) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise InvalidParameter(name, f"stop must be a string or a list of strings, got {_type_name(value)}")
+    if len(value) > limits.max_stop_strings:
+        raise InvalidParameter(name, f"stop must have at most {limits.max_stop_strings} strings, got {len(value)}")
+    for item in value:
+        if not isinstance(item, str):
+            raise InvalidParameter(name, f"stop must contain only strings, got {_type_name(item)} ({_describe(item)})")
+        if not item:
+            raise InvalidParameter(name, "stop strings must not be empty")
+        if len(item) > limits.max_stop_length:
+            raise InvalidParameter(name, f"stop strings must be at most {limits.max_stop_length} characters, "
+                                   f"got {len(item)}")
+    return tuple(value)
+
+
+def read_token_ids(name: str, value: Any, limits: RequestLimits) -> tuple[int, ...]:
+    items = value if isinstance(value, list) else [value]
+    if not items or len(items) > MAX_EOS_IDS:
+        raise InvalidParameter(name, f"{name} must be an integer or a list of 1 to {MAX_EOS_IDS} integers, "
+                               f"got {_describe(value)}")
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise InvalidParameter(name, f"{name} must be an integer or a list of integers, got {_describe(value)}")
+    return tuple(items)
+
+
+# ---- the table ----
+
+Bound = Callable[[RequestLimits, int], float]  # (limits, vocabulary size) -> the largest value allowed
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    type: str  # as the README shows it
+    read: Callable[[str, Any, RequestLimits], Any]
+    doc: str  # the rule, as the README shows it ({limits.<name>} is filled in)
+    modes: tuple[str, ...] = DECODING_MODES  # the decodings it applies to
+    sampling_only: bool = False  # applies only when the request samples
+    bound: Bound | dict[str, Bound] | None = None  # an operator limit on the upper end (per mode when a dict)
+    configurable: bool = True  # an operator may set its default in handler.defaults
+
+    def range(self, mode: str, limits: RequestLimits, vocab_size: int) -> Range | None:
+        """The allowed range in `mode` for this worker (None: not a number)."""
+        base = RANGES.get(f"{self.name}/{mode}") or RANGES.get(self.name)
+        bound = self.bound.get(mode) if isinstance(self.bound, dict) else self.bound
+        if base is None or bound is None:
+            return base
+        return base.narrowed(bound(limits, vocab_size))
+
+
+FIELDS = (
+    Field("max_new_tokens", "integer", read_integer,
+          "1 … `limits.max_new_tokens` ({limits.max_new_tokens}); prompt + this ≤ the model's `n_positions` and a "
+          "slot's positions; and no more than the worker can generate within the response timeout",
+          bound=lambda limits, vocab: limits.max_new_tokens),
+    Field("decoding", "string", read_decoding, "`contrastive`, `greedy` or `sample`"),
+    Field("penalty_alpha", "number", read_number, "0 … 1; `contrastive` only (0 is greedy)", modes=("contrastive",)),
+    Field("top_k", "integer", read_integer,
+          "`contrastive`: candidates per step, 2 … `max_top_k` ({limits.max_top_k}). `sample`: 0 (off, the default "
+          "there) or 1 … "
+          "vocabulary size", modes=("contrastive", "sample"),
+          bound={"contrastive": lambda limits, vocab: limits.max_top_k, "sample": lambda limits, vocab: vocab}),
+    Field("do_sample", "boolean", read_boolean,
+          "`contrastive`: contrastive *sampling*. `sample`: must be true. `greedy`: must be false"),
+    Field("temperature", "number", read_number, "0 < T ≤ 100; only when sampling", sampling_only=True),
+    Field("top_p", "number", read_number, "0 < p ≤ 1; `sample` only", modes=("sample",)),
+    Field("stop", "string or list", read_stop,
+          "at most {limits.max_stop_strings} strings, each 1 … {limits.max_stop_length} characters; the text ends "
+          "before the first one generated"),
+    Field("seed", "integer", read_integer,
+          "0 … 2³²−1; only when sampling. The same seed gives the same text whatever shares the pool; without "
+          "one the worker draws a seed and returns it", sampling_only=True, configurable=False),
+    Field("eos_token_id", "integer or list", read_token_ids,
+          "token ids in the vocabulary that end generation", configurable=False),
+    Field("stream", "boolean", read_boolean, "stream the text as JSON lines"),
+    Field("return_token_ids", "boolean", read_boolean, "add `token_ids` to the answer"),
+)
+BY_NAME = {f.name: f for f in FIELDS}
+PROMPT = "prompt"
+
+
+def _applies(field: Field, mode: str, name: str) -> None:
+    if mode not in field.modes:
+        allowed = " or ".join(repr(m) for m in field.modes)
+        raise InvalidParameter(name, f"{name} applies only to decoding={allowed}, not {mode!r}")
+
+
+def _resolve(given: Mapping[str, Any], defaults: GenerationParams, limits: RequestLimits, vocab_size: int,
+             *, operator: bool) -> GenerationParams:
+    """Read `given` over `defaults` through the table; raise InvalidParameter for the first field at fault."""
+    values = {name: BY_NAME[name].read(name, value, limits) for name, value in given.items()}
+    mode = values.get("decoding", defaults.decoding)
+    if not operator:  # a request may not set what its mode would ignore; operator defaults serve every mode
+        for name in values:
+            _applies(BY_NAME[name], mode, name)
+    do_sample = values.get("do_sample")
+    if mode == "greedy" and do_sample:
+        raise InvalidParameter("do_sample", "do_sample must be false with decoding='greedy'; use decoding='sample'")
+    if mode == "sample" and do_sample is False:
+        raise InvalidParameter("do_sample", "do_sample must be true with decoding='sample'; use decoding='greedy'")
+    if mode != "contrastive":
+        values["do_sample"] = mode == "sample"
+    elif do_sample is None:
+        values["do_sample"] = defaults.do_sample
+    if mode == "sample" and "top_k" not in values and not operator:
+        values["top_k"] = 0  # the contrastive default k does not apply to sampling
+    samples = mode == "sample" or values["do_sample"]
+    if not operator:
+        for name in values:
+            if BY_NAME[name].sampling_only and not samples:
+                raise InvalidParameter(name, f"{name} applies only when sampling (decoding='sample', or do_sample=true)")
+    for name, value in values.items():  # this worker's limits narrow the ranges
+        rng = BY_NAME[name].range(mode, limits, vocab_size)
+        if rng is not None and BY_NAME[name].bound is not None:
+            rng.check(name, value)
+    return replace(defaults, **values)
+
+
+def params_from_request(request: Mapping[str, Any], *, defaults: GenerationParams, limits: RequestLimits,
+                        vocab_size: int) -> GenerationParams:
+    """A request's fields (everything but `prompt`) over the operator's defaults; RequestError (400) naming
+    the first field at fault."""
+    for name in request:
+        if name not in BY_NAME:
+            hint = difflib.get_close_matches(name, sorted(set(BY_NAME) | {PROMPT}), n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise RequestError(name, f"unknown field {name!r}{suggestion}")
+    try:
+        params = _resolve(request, defaults, limits, vocab_size, operator=False)
+        if params.eos_token_id is not None:
+            for token in params.eos_token_id:
+                if not 0 <= token < vocab_size:
+                    raise InvalidParameter("eos_token_id", f"eos_token_id must be in [0, {vocab_size}), got {token}")
+        return params
+    except InvalidParameter as err:
+        raise RequestError(err.field, err.message) from None
+
+
+def defaults_from_config(raw: Mapping[str, Any] | None, limits: RequestLimits) -> GenerationParams:
+    """The operator's defaults (`handler.defaults`), each checked; ValueError naming the key."""
+    raw = dict(raw or {})
+    allowed = sorted(f.name for f in FIELDS if f.configurable)
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown handler.defaults keys {unknown}; known: {allowed}")
+    try:
+        return _resolve(raw, GenerationParams(), limits, vocab_size=2**31, operator=True)
+    except InvalidParameter as err:
+        raise ValueError(f"handler.defaults: {err.message}") from None
+
+
+def markdown_rows(defaults: GenerationParams, limits: RequestLimits) -> list[str]:
+    """The README's request table rows (`prompt` first), for `defaults` and `limits`."""
+    rows = [f"| `{PROMPT}` | string | required | not empty or whitespace; at most `max_prompt_tokens` "
+            f"({limits.max_prompt_tokens}) tokens |"]
+    for f in FIELDS:
+        doc = f.doc.format(limits=limits)
+        rows.append(f"| `{f.name}` | {f.type} | {_shown(f.name, getattr(defaults, f.name))} | {doc} |")
+    return rows
+
+
+def _shown(name: str, default: Any) -> str:
+    """A default as the README's table shows it."""
+    if default is None:
+        return "drawn" if name == "seed" else "the model's"
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, str):
+        return f"`{default}`"
+    if isinstance(default, tuple):
+        return "`[" + ", ".join(repr(x) for x in default) + "]`"
+    return str(default)
