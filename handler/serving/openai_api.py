@@ -141,12 +141,13 @@ class OpenAIError(RequestError):
 def error_object(err: RequestError) -> dict:
     """`{"error": {...}}` for a RequestError (a native one, or an OpenAIError)."""
     code = getattr(err, "code", None) or ERROR_CODES.get(err.status, "error")
-    param = RENAMED.get(err.field, err.field) or None
+    param, message = err.field or None, err.message
+    if not isinstance(err, OpenAIError):  # the native rules' errors speak of the native names
+        param = RENAMED.get(param, param)
+        for native, name in RENAMED.items():
+            message = message.replace(native, name)
     if param in ("body", "url_path"):
         param = None
-    message = err.message
-    for native, name in RENAMED.items():
-        message = message.replace(native, name)
     return {"error": {"message": message, "type": "invalid_request_error" if err.status < 500 else "server_error",
                       "param": param, "code": code}}
 
