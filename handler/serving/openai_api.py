@@ -87,13 +87,15 @@ FIELDS = (
     OpenAIField("model", "string", "optional; must be the served model's id (TorchServe's model name), else 404"),
     OpenAIField("prompt", "string or list of strings", "required; a list is answered as one set of choices per "
                 "prompt, in order (token-id prompts are refused)"),
-    OpenAIField("max_tokens", "integer", "`max_new_tokens`; absent: the operator's default "
-                "({defaults.max_new_tokens}), not OpenAI's 16"),
+    OpenAIField("max_tokens", "integer", "`max_new_tokens`: 1 … {limits.max_new_tokens}; absent: the operator's "
+                "default ({defaults.max_new_tokens}), not OpenAI's 16"),
     OpenAIField("temperature", "number", "0: `greedy` (contrastive search when contrastive decoding is asked "
                 "for); > 0: `sample` at that temperature (contrastive sampling when contrastive decoding is "
                 "asked for); absent: the operator's default decoding (`{defaults.decoding}`)"),
     OpenAIField("top_p", "number", "`top_p`; below 1 it means `sample` (1 is accepted in every mode)"),
-    OpenAIField("stop", "string or list", "`stop`: at most {limits.max_stop_strings} strings"),
+    OpenAIField("stop", "string or list", "`stop`: at most {limits.max_stop_strings} strings of 1 … "
+                "{limits.max_stop_length} characters; the text ends before the first one (`finish_reason: "
+                "\"stop\"`)"),
     OpenAIField("seed", "integer", "`seed` when the request samples: choice i of a prompt gets seed + i; "
                 "dropped for deterministic decodings"),
     OpenAIField("n", "integer", "choices per prompt, 1 … `limits.max_choices` ({limits.max_choices}, which also "
@@ -109,12 +111,16 @@ FIELDS = (
     OpenAIField("suffix", "string", "400 naming the field unless absent, `null` or empty"),
     OpenAIField("frequency_penalty", "number", "400 naming the field unless absent, `null` or 0"),
     OpenAIField("presence_penalty", "number", "400 naming the field unless absent, `null` or 0"),
-    OpenAIField("decoding", "string", "this package's: `contrastive`, `greedy` or `sample` (`extra_body`)"),
-    OpenAIField("penalty_alpha", "number", "this package's (`extra_body`): contrastive decoding's α; giving it "
+    OpenAIField("decoding", "string", "this package's (`extra_body`), as in [Request](#request): `contrastive`, "
+                "`greedy` or `sample`; naming it decides the decoding"),
+    OpenAIField("penalty_alpha", "number", "this package's (`extra_body`), as in [Request](#request); giving it "
                 "asks for contrastive decoding"),
-    OpenAIField("top_k", "integer", "this package's (`extra_body`): contrastive candidates, or sampling's top-k"),
-    OpenAIField("do_sample", "boolean", "this package's (`extra_body`): contrastive sampling"),
-    OpenAIField("eos_token_id", "integer or list", "this package's (`extra_body`): token ids that end generation"),
+    OpenAIField("top_k", "integer", "this package's (`extra_body`), as in [Request](#request): contrastive "
+                "candidates, or sampling's top-k"),
+    OpenAIField("do_sample", "boolean", "this package's (`extra_body`), as in [Request](#request): with "
+                "contrastive decoding and no temperature, contrastive sampling"),
+    OpenAIField("eos_token_id", "integer or list", "this package's (`extra_body`), as in [Request](#request): "
+                "token ids that end generation"),
 )
 BY_NAME = {f.name: f for f in FIELDS}
 NATIVE_EXTRAS = ("decoding", "penalty_alpha", "top_k", "do_sample", "eos_token_id")  # passed through as they are

@@ -395,3 +395,17 @@ def test_run_to_completion_streams_events_as_intermediate_responses(static_handl
     assert final[-1] == "[DONE]" and final[-2]["choices"][0]["finish_reason"] in ("length", "stop")
     plain = json.loads(send(static_handler, [{**body, "stream": False}])[1][0])
     assert "".join(e["choices"][0]["text"] for e in early + final[:-1]) == plain["choices"][0]["text"]
+
+
+def test_the_readme_table_is_the_field_table_with_the_shipped_config():
+    from handler.serving.openai_api import FIELDS, markdown_rows
+
+    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    start = lines.index("| OpenAI field | type | here |")
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    assert rows == markdown_rows(SETTINGS)
+    assert len(rows) == len(FIELDS)
