@@ -138,6 +138,7 @@ class TorchServe:
     metrics_url: str
     key_file: Path
     timeout: float = 300.0
+    token_auth: bool = True  # False with `disable_token_authorization=true` (the Kubernetes pod's TorchServe)
 
     @classmethod
     def from_config(cls, config: str | Path, run_dir: str | Path) -> "TorchServe":
@@ -145,7 +146,8 @@ class TorchServe:
         return cls(props.get("inference_address", "http://127.0.0.1:8080"),
                    props.get("management_address", "http://127.0.0.1:8081"),
                    props.get("metrics_address", "http://127.0.0.1:8082"),
-                   Path(run_dir) / "key_file.json")
+                   Path(run_dir) / "key_file.json",
+                   token_auth=props.get("disable_token_authorization", "false").lower() != "true")
 
     @property
     def run_dir(self) -> Path:
@@ -223,11 +225,12 @@ class TorchServe:
     # ---- management ----
 
     def ping(self) -> bool:
-        """True when /ping (which needs the inference key) answers Healthy."""
-        if not self.key_file.exists():
+        """True when /ping (which needs the inference key, unless token authorization is off) answers Healthy."""
+        if self.token_auth and not self.key_file.exists():
             return False
         try:
-            r = requests.get(f"{self.inference_url}/ping", headers=_auth(self.key("inference")), timeout=5)
+            headers = _auth(self.key("inference")) if self.token_auth else {}
+            r = requests.get(f"{self.inference_url}/ping", headers=headers, timeout=5)
         except (requests.RequestException, OpsError):
             return False
         return r.status_code == 200 and "Healthy" in r.text

@@ -11,6 +11,8 @@ TorchServe's hooks to the engine in `handler.engine` and the serving pieces in
   with its own error; the engine takes the valid ones (`serving.batching`);
 - `inference`: the engine decodes (continuous batching: one iteration);
 - `postprocess`: one answer per request, in order, each with its own status;
+- the routes under `/predictions/<model>/<version>/`: `describe`, and the
+  OpenAI-compatible API under `v1/` (`serving.openai_api`);
 - `describe_handle`: the memory breakdown, the pool and the engine's load.
 """
 
@@ -28,6 +30,7 @@ from handler.serving.admission import Admission
 from handler.serving.batching import Batching
 from handler.serving.loading import load_model, worker_device
 from handler.serving.metrics import EngineMetrics, publish_memory
+from handler.serving.openai_api import PREFIX as OPENAI_PREFIX, OpenAIApi
 from handler.serving.pool import plan_pool
 from handler.serving.preparation import Preparation
 from handler.serving.routes import Routes
@@ -72,7 +75,9 @@ class ContrastiveGPT2Handler(BaseHandler):
         self.metrics = EngineMetrics()
         preparation = Preparation(settings, self.loaded.tokenizer, model.vocab_size, self.loaded.eos_ids,
                                   self.admission)
-        self.batching = Batching(self.engine, preparation, Routes(describe=self.describe_handle),
+        openai = OpenAIApi(context.model_name, settings, preparation, self.engine, model.n_positions)
+        self.batching = Batching(self.engine, preparation, Routes(describe=self.describe_handle,
+                                                                  mounts={OPENAI_PREFIX: openai}),
                                  continuous=settings.continuous_batching,
                                  iteration_s=settings.iteration_ms / 1000)
         self.initialized = True

@@ -67,7 +67,7 @@ def test_readme_command_invocation(heading, command):
     inner = ASSIGNMENT.match(command)
     if inner:  # KEY=$(...): the key one-liners read key_file.json with the system python3 (json only)
         iw = words(inner.group(1))
-        assert iw[0] in ("python3", "docker"), command
+        assert iw[0] in ("python3", "docker", "kubectl"), command
         if iw[0] == "python3":
             assert iw[1] == "-c" and "import json" in iw[2] and "key_file.json" in iw[2], command
         return
@@ -88,6 +88,9 @@ def test_readme_command_invocation(heading, command):
     elif w[0] == "docker":  # no Docker engine here: the build arguments must be the Dockerfile's
         build_args = [w[n + 1].split("=", 1)[0] for n, x in enumerate(w) if x == "--build-arg"]
         assert set(build_args) <= dockerfile_args(), build_args
+    elif w[0] == "kubectl":  # no cluster here: the manifests it applies are rendered and validated in test_k8s_manifests.py
+        missing = [x for x in w[1:] if x.startswith("deploy/") and not (REPO / x).exists()]
+        assert not missing, f"{command!r} names paths that do not exist: {missing}"
     elif w[0] == "curl":  # run against a real server in tests/e2e/test_readme_live.py (or need Docker)
         assert any(x.startswith("http://127.0.0.1:") for x in w), command
     else:

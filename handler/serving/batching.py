@@ -21,6 +21,12 @@ submitted at once and decoded until every request of it has finished, with
 streamed text sent as intermediate responses: the behaviour before continuous
 batching, kept for comparison (`benchmarks/load.py`) and for frontends that
 cannot keep jobs open.
+
+Another API's requests (the OpenAI-compatible `v1/completions` of
+`handler.serving.openai`, handed over by `handler.serving.routes`) go through
+the same loop: such a job carries the API's call (`Job.api`), which may hold
+several generations (one per choice) and shapes its own chunks, answer and
+errors; the job stays open until all its generations are done.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Protocol
 
 from ts.handler_utils.utils import send_intermediate_predict_response
 
@@ -37,9 +45,29 @@ from handler.serving import responses
 from handler.serving.errors import RequestError, is_out_of_memory
 from handler.serving.preparation import Preparation
 from handler.serving.request import header
-from handler.serving.routes import URL_PATH_HEADER, Immediate, Routes
+from handler.serving.routes import URL_PATH_HEADER, Handoff, Immediate, Routes
 
 logger = logging.getLogger(__name__)
+
+
+class ApiCall(Protocol):
+    """A request of another API in progress (handler.serving.openai.CompletionCall): its generations, and
+    how its chunks, answer and errors look."""
+
+    stream: bool
+    generations: list[Generation]
+    content_type: str  # of its answer so far: a failure before any chunk is a plain JSON error
+
+    @property
+    def done(self) -> bool: ...
+
+    def chunk(self) -> str: ...  # the new settled text of a running call ("" when none or not streamed)
+
+    def final(self) -> str: ...  # the answer once every generation is done (or the stream's end)
+
+    def failure(self) -> Generation | None: ...  # a generation that failed in the engine, if any
+
+    def error(self, error: RequestError, opened: bool) -> str: ...  # the body that reports `error`
 
 
 @dataclass
@@ -53,10 +81,19 @@ class Job:
     error: RequestError | None = None  # what its client gets instead of an answer
     immediate: Immediate | None = None  # an answer that needs no generation (handler.serving.routes)
     opened: bool = False  # a chunk went out: the status line is sent, the job stays open across calls
+    api: ApiCall | None = None  # another API's request (handler.serving.openai): its generations and shapes
 
     @property
     def done(self) -> bool:
+        if self.api is not None:
+            return self.api.done
         return self.generation is None or self.generation.done
+
+    @property
+    def generations(self) -> list[Generation]:
+        if self.api is not None:
+            return self.api.generations
+        return [] if self.generation is None else [self.generation]
 
 
 def generation_error(gen: Generation) -> RequestError:
@@ -104,6 +141,14 @@ class Batching:
         routed = self.routes.answer(header(headers, URL_PATH_HEADER))
         if isinstance(routed, RequestError):
             return Job(request_id, error=routed)
+        if isinstance(routed, Handoff):  # another API's generation: it prepares and submits its own
+            started = routed.start(request_id, entry, headers)
+            if isinstance(started, Immediate):
+                return Job(request_id, immediate=started)
+            job = Job(request_id, stream=started.stream, api=started)
+            if self.continuous:
+                self.jobs[request_id] = job
+            return job
         if routed is not None:
             return Job(request_id, immediate=routed)
         prepared = self.preparation.prepare(request_id, entry, headers)
@@ -117,10 +162,11 @@ class Batching:
 
     def _cancel(self, request_id: str) -> None:
         job = self.jobs.pop(request_id)
-        self.engine.cancel(request_id)
-        self.engine.forget(request_id)
+        for gen in job.generations:
+            self.engine.cancel(gen.request_id)
+            self.engine.forget(gen.request_id)
         logger.info("request %s: the client went away after %d tokens; its slot is free", request_id,
-                    len(job.generation.tokens))
+                    sum(len(gen.tokens) for gen in job.generations))
 
     # ---- 2. decoding ----
 
@@ -131,11 +177,11 @@ class Batching:
             return
         while not all(j.done for j in jobs):
             self.engine.iterate(until=time.monotonic() + self.iteration_s)
-            self._send_chunks([(i, j) for i, j in enumerate(jobs) if j.generation is not None and j.stream], context)
+            self._send_chunks([(i, j) for i, j in enumerate(jobs) if j.generations and j.stream], context)
 
     def _send_chunks(self, indexed: list[tuple[int, Job]], context) -> None:
         """Run to completion: streamed text so far as intermediate responses."""
-        chunks = {i: responses.chunk(j.generation) for i, j in indexed if not j.generation.done}
+        chunks = {i: _chunk(j) for i, j in indexed if not j.done}
         chunks = {i: c for i, c in chunks.items() if c}
         if chunks:
             ids = {i: context.request_ids[i] for i in chunks}
@@ -147,34 +193,57 @@ class Batching:
         """One answer per job, in order; statuses, content types and (continuous) open/close flags set."""
         out, stop_flags = [], []
         for index, job in enumerate(jobs):
-            context.set_response_content_type(index, job.immediate.content_type if job.immediate else
-                                              responses.STREAM_CONTENT_TYPE if job.stream else responses.JSON_CONTENT_TYPE)
             if not job.done:  # continuous batching: a chunk, and the job stays open
-                out.append(responses.chunk(job.generation) if job.stream else "")
+                context.set_response_content_type(index, _content_type(job))
+                out.append(_chunk(job) if job.stream else "")
                 job.opened = True
                 stop_flags.append(False)
                 continue
             out.append(self._final(index, job, context))
+            context.set_response_content_type(index, _content_type(job))
             # a job that got chunks ends its stream ("false"); one answered at once gets a plain response
             stop_flags.append(True if job.opened else None)
-            if job.generation is not None:
+            if job.generations:
                 self.jobs.pop(job.request_id, None)
-                self.engine.forget(job.request_id)
+                for gen in job.generations:
+                    self.engine.forget(gen.request_id)
         if self.continuous:
             context.stopping_criteria = [lambda _answer, flag=flag: flag for flag in stop_flags]
         return out
 
     def _final(self, index: int, job: Job, context) -> str:
         if job.immediate is not None:
+            if job.immediate.status != 200:
+                _set_status(context, index, job.immediate.status, HTTPStatus(job.immediate.status).phrase)
             return job.immediate.body
         error = job.error
-        if error is None and job.generation.finish_reason is FinishReason.ERROR:
-            error = generation_error(job.generation)
-            logger.error("request %s failed during generation: %r", job.request_id, job.generation.error)
+        if error is None:
+            failed = job.api.failure() if job.api is not None else \
+                job.generation if job.generation.finish_reason is FinishReason.ERROR else None
+            if failed is not None:
+                error = generation_error(failed)
+                logger.error("request %s failed during generation: %r", job.request_id, failed.error)
         if error is not None:
             _set_status(context, index, error.status, error.reason)
+            if job.api is not None:
+                return job.api.error(error, job.opened)
             return error.to_json() + ("\n" if job.stream and job.opened else "")
+        if job.api is not None:
+            return job.api.final()
         return responses.final(job.prompt, job.generation, job.stream)
+
+
+def _chunk(job: Job) -> str:
+    """A running streamed job's new settled text."""
+    return job.api.chunk() if job.api is not None else responses.chunk(job.generation)
+
+
+def _content_type(job: Job) -> str:
+    if job.immediate is not None:
+        return job.immediate.content_type
+    if job.api is not None:
+        return job.api.content_type
+    return responses.STREAM_CONTENT_TYPE if job.stream else responses.JSON_CONTENT_TYPE
 
 
 def _headers(context, index: int) -> dict:

@@ -37,6 +37,7 @@ class RequestLimits:
     max_stop_strings: int = 4  # most entries in `stop`
     max_stop_length: int = 64  # longest stop string, in characters
     max_body_bytes: int = 65536  # largest request body the handler accepts
+    max_choices: int = 32  # most generations one OpenAI-compatible request may ask for (prompts x n)
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any] | None) -> "RequestLimits":

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from handler.engine.params import GenerationParams
 from handler.engine.scheduler import Request
 from handler.serving.admission import Admission
 from handler.serving.errors import RequestError
@@ -64,15 +65,20 @@ class Preparation:
         raw = read_request(entry if isinstance(entry, Mapping) else {}, headers, settings.limits.max_body_bytes)
         params = params_from_request(raw.fields, defaults=settings.defaults, limits=settings.limits,
                                                vocab_size=self.vocab_size)
-        prompt_ids = self.tokenizer.encode(raw.prompt)
+        return Prepared(raw.prompt, self.engine_request(request_id, raw.prompt, params, headers))
+
+    def engine_request(self, request_id: str, prompt: str, params: GenerationParams,
+                       headers: Mapping[str, Any]) -> Request:
+        """A prompt and its checked parameters -> the engine's request, tokenized and admitted (RequestError
+        when this worker cannot serve it). Also used by another API's requests (handler.serving.openai)."""
+        prompt_ids = self.tokenizer.encode(prompt)
         if not prompt_ids:
             raise RequestError("prompt", "the prompt has no tokens")
         self.admission.check(len(prompt_ids), params)
         seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
         eos = params.eos_token_id if params.eos_token_id is not None else self.eos_ids
-        request = Request(request_id, prompt_ids, params, eos, seed, deadline=self.admission.deadline(),
-                          on_admit=self._fault(headers))
-        return Prepared(raw.prompt, request)
+        return Request(request_id, prompt_ids, params, eos, seed, deadline=self.admission.deadline(),
+                       on_admit=self._fault(headers))
 
     def _fault(self, headers: Mapping[str, Any]) -> Callable[[], None] | None:
         """Tests only (`handler.fault_injection`): "X-Fault-Injection: oom" fails the request's prefill."""

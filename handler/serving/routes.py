@@ -12,13 +12,21 @@ here, at once, without the engine:
   (`Model.pollInferJob`), so the worker answers it again and again and never
   gets another request. Through the inference API the report is an ordinary
   request.
+- a mounted API's prefix (`v1/`: the OpenAI-compatible API of
+  `handler.serving.openai`): the rest of the suffix goes to that API, which
+  answers it at once (`Immediate`, its errors in its own shape) or hands the
+  request over for generation (`Handoff`).
 - anything else: 404 naming the known suffixes.
+
+TorchServe does not pass the HTTP method to the handler (every method but
+OPTIONS reaches it with the same headers), so a route answers whatever the
+method; what a request asks for is told by its suffix and its body.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping, Protocol
 
 from handler.serving.errors import RequestError
 
@@ -32,20 +40,47 @@ class Immediate:
 
     body: str
     content_type: str = "application/json"
+    status: int = 200  # another API's errors come as immediate answers in that API's shape
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A request that a mounted API prepares and answers itself, generating through the engine.
+
+    `start(request_id, entry, headers)` reads the request and submits its generations: it returns the
+    `Immediate` to answer when the request cannot be served (its error in the API's shape), or the running
+    call (see `handler.serving.batching.Job.api` for what batching asks of it).
+    """
+
+    start: Callable[[str, Any, Mapping[str, Any]], Any]
+
+
+class Mount(Protocol):
+    """An API under a prefix of the suffix (`v1`): it answers the rest of the suffix itself."""
+
+    paths: tuple[str, ...]  # its routes, for the 404 message
+
+    def answer(self, path: str) -> Immediate | Handoff: ...
 
 
 class Routes:
-    def __init__(self, describe: Callable[[], str]):
+    def __init__(self, describe: Callable[[], str], mounts: Mapping[str, Mount] | None = None):
         self._routes: dict[str, Callable[[], str]] = {DESCRIBE: describe}
+        self._mounts = dict(mounts or {})
 
-    def answer(self, url_path: str) -> Immediate | RequestError | None:
+    def answer(self, url_path: str) -> Immediate | Handoff | RequestError | None:
         """The answer for this suffix, or None when the request is a generation (the empty suffix)."""
         suffix = (url_path or "").strip("/")
         if not suffix:
             return None
+        prefix, _, rest = suffix.partition("/")
+        if prefix in self._mounts:
+            return self._mounts[prefix].answer(rest)
         route = self._routes.get(suffix)
         if route is None:
-            known = ", ".join(repr(s) for s in sorted(self._routes))
+            known = ", ".join(repr(s) for s in sorted(self._routes) + [f"{prefix}/{path}" for prefix, mount in
+                                                                     sorted(self._mounts.items())
+                                                                     for path in mount.paths])
             return RequestError("url_path", f"no route {suffix!r} under /predictions/<model>/<version>/; known: "
                                 f"'' (generation), {known}", status=404)
         return Immediate(route())

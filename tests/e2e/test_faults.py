@@ -67,13 +67,19 @@ def test_generation_that_cannot_finish_in_time_is_refused_up_front(variants, cli
 
 
 def test_killed_worker_recovers_and_queued_requests_are_served(server, client):
-    """SIGKILL the worker mid-batch: in-flight requests get a 5xx, queued and later ones get 200s."""
+    """SIGKILL the worker mid-batch: in-flight requests get a 5xx, queued and later ones get 200s.
+
+    An in-flight request whose status line had gone out already (continuous batching sends it with the job's
+    first, empty, chunk) cannot get a 5xx any more: its connection closes mid-body (None below)."""
     server.client.register(f"{MODEL}.mar", "tiny-victim")
     [worker] = server.workers("tiny-victim")
     seen = len(server.batch_sizes())
 
     def send(i):
-        return client.predict_raw("tiny-victim", {"prompt": f"请求{i}", **SLOW})
+        try:
+            return client.predict_raw("tiny-victim", {"prompt": f"请求{i}", **SLOW})
+        except requests.RequestException:  # the connection closed mid-body
+            return None
 
     with ThreadPoolExecutor(max_workers=20) as pool:
         futures = [pool.submit(send, i) for i in range(20)]
@@ -83,12 +89,12 @@ def test_killed_worker_recovers_and_queued_requests_are_served(server, client):
         os.kill(worker["pid"], signal.SIGKILL)
         killed_at = time.monotonic()
         responses = [f.result() for f in futures]
-    codes = [r.status_code for r in responses]
-    assert any(code >= 500 for code in codes), codes  # the batch in flight died with the worker
+    codes = [None if r is None else r.status_code for r in responses]
+    assert any(code is None or code >= 500 for code in codes), codes  # the batch in flight died with the worker
     assert codes.count(200) >= 1, codes  # the queued ones were served by the restarted worker
-    assert set(codes) <= {200, 500, 507}, codes  # 507: TorchServe reports a worker that exited 137 (SIGKILL) as out of memory
+    assert set(codes) <= {200, 500, 507, None}, codes  # 507: TorchServe reports a worker that exited 137 (SIGKILL) as out of memory
     for r in responses:
-        if r.status_code == 200:
+        if r is not None and r.status_code == 200:
             assert r.json()["completion_tokens"] == SLOW["max_new_tokens"] or r.json()["finish_reason"] == "eos"
     while True:  # recovery: until a fresh request is answered
         r = client.predict_raw("tiny-victim", {"prompt": "after", "max_new_tokens": 4})
@@ -100,7 +106,7 @@ def test_killed_worker_recovers_and_queued_requests_are_served(server, client):
     [restarted] = server.workers("tiny-victim")
     assert restarted["pid"] != worker["pid"]
     print(f"\nworker killed with SIGKILL: {codes.count(200)} served, {len(codes) - codes.count(200)} failed "
-          f"({sorted(set(codes))}); recovered in {recovery:.2f} s")
+          f"({sorted(set(codes), key=str)}); recovered in {recovery:.2f} s")
 
 
 def test_full_queue_rejects_only_the_overflow(tmp_path, model_store, tiny_model_dir):

@@ -114,7 +114,9 @@ def test_a_short_request_finishes_while_a_long_one_goes_on(handler):
               {"prompt": "short", "decoding": "greedy", "max_new_tokens": 3}]
     codes, _, chunks = run(handler, bodies)
     assert codes == [200, 200]
-    assert len(chunks[1]) < len(chunks[0]) / 4  # calls until each got its final answer
+    # calls until each got its final answer: the short one's in the first call (its 3 tokens come with the first
+    # look), the long one's later (a call ends at the first tokens); how much later depends on the machine's speed
+    assert len(chunks[1]) == 1 < len(chunks[0])
     assert json.loads(chunks[1][-1])["completion_tokens"] == 3
 
 
@@ -122,8 +124,10 @@ def test_a_client_that_goes_away_frees_its_slot(handler):
     before = handler.engine.stats()
     bodies = [{"prompt": "I will hang up", "decoding": "greedy", "max_new_tokens": 90, "stream": True},
               {"prompt": "I stay", "decoding": "greedy", "max_new_tokens": 30}]
-    codes, answers, chunks = run(handler, bodies, drop={0: 2})
-    assert codes == [200, 200] and len(chunks[0]) == 2
+    # the client goes away after its first chunk, which comes with the first call (it ends at the first tokens):
+    # "I stay" is still running then, so the frontend calls again and the handler sees the job gone
+    codes, answers, chunks = run(handler, bodies, drop={0: 1})
+    assert codes == [200, 200] and len(chunks[0]) == 1
     assert answers[1]["completion_tokens"] == 30
     after = handler.engine.stats()
     assert after.slots_in_use == 0 and after.waiting == 0  # the dropped request's slot is free again
