@@ -148,6 +148,8 @@ class FastStep:
                     torch._dynamo.mark_static_address(t)
         self.ready: dict[Shape, Callable[[], None]] = {}
         self.report: PrepareReport | None = None
+        # manual capture: warm-up and capture on one side stream (each stream gets its own cuBLAS workspace)
+        self._stream = torch.cuda.Stream(self.device) if graphs == "manual" else None
 
     @property
     def path(self) -> str:
@@ -205,22 +207,23 @@ class FastStep:
         return lambda: compiled(model, view, k, sampling)
 
     def _warm(self, shape: Shape, calls: int) -> None:
-        """The compile (first call) and warm-up runs, on a side stream on CUDA as capture wants."""
+        """The compile (first call) and warm-up runs; for manual capture on the side stream capture uses, as
+        CUDA graphs want (cudagraph trees and the CPU: where the step runs)."""
         run = self._direct(shape)
-        if self.device.type != "cuda":
+        if self._stream is None:
             for _ in range(calls):
                 run()
             return
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
+        main = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(main)
+        with torch.cuda.stream(self._stream):
             for _ in range(calls):
                 run()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
+        main.wait_stream(self._stream)
 
     def _capture(self, shape: Shape, mempool) -> Callable[[], None]:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=mempool):
+        with torch.cuda.graph(graph, pool=mempool, stream=self._stream):
             self._direct(shape)()
         return graph.replay
 
