@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                           ["transformers", "tokenizers", "huggingface-hub"], env)
     report["staging"] = staging
     env["PYTHONPATH"] = os.pathsep.join([p for p in (serve_site, str(REPO), env.get("PYTHONPATH")) if p])
+    if serve_site:
+        sys.path.insert(0, serve_site)  # so that the environment line names the staged ts
     report["environment"] = environment()
     has_ts = run([sys.executable, "-c", "import ts"], env, 60)["rc"] == 0
 
