@@ -102,7 +102,10 @@ def _fresh_step() -> Callable:
     """`_step` with a code object of its own: Dynamo keeps its compiled entries (and its recompile limit) per code
     object, so each FastStep's entries die with it and never count against another's."""
     n = next(_counter)
-    code = _step.__code__.replace(co_name=f"decode_step_{n}")
+    names = {"co_name": f"decode_step_{n}"}
+    if hasattr(_step.__code__, "co_qualname"):  # Python 3.11+
+        names["co_qualname"] = names["co_name"]
+    code = _step.__code__.replace(**names)
     return types.FunctionType(code, _step.__globals__, f"decode_step_{n}")
 
 
@@ -162,8 +165,7 @@ class FastStep:
         start = time.perf_counter()
         at_start = _allocator(self.device) if self.device.type == "cuda" else (0, 0)
         built, skipped = [], []
-        with torch.inference_mode(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True,
-                                                               recompile_limit=max(8, 2 * len(self.shapes))):
+        with torch.inference_mode(), torch._dynamo.config.patch(**_dynamo_limits(len(self.shapes))):
             first_s = 0.0  # what the first shape took: the estimate for each further one
             for n, shape in enumerate(self.shapes):
                 if n and time.perf_counter() - start + first_s > self.budget_s:
@@ -235,6 +237,13 @@ class FastStep:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _dynamo_limits(shapes: int) -> dict:
+    """Room for every shape's compile, and an error (not a silent eager fallback) past it, where this PyTorch
+    has the settings."""
+    wanted = {"recompile_limit": max(8, 2 * shapes), "fail_on_recompile_limit_hit": True}
+    return {k: v for k, v in wanted.items() if hasattr(torch._dynamo.config, k)}
 
 
 def _view_tensors(view) -> list[torch.Tensor]:
