@@ -507,6 +507,22 @@ def markdown(r: dict) -> str:
             cells.append(f"{h['ms_per_step']:.2f} ({h['tokens_per_s']:,.0f})" if h else "-")
             cells.append(HF_REFERENCE.get((row["shape"], row["batch"]), "-"))
             lines.append(f"| {row['shape']} | {row['batch']} | " + " | ".join(cells) + " |")
+    agreement = []
+    for name in SHAPES:
+        step = (r["sections"].get(f"worker_{name}") or {}).get("describe", {}).get("decode_step", {})
+        if step.get("self_check"):
+            sc = step["self_check"]
+            agreement.append(f"- {name} worker's self-check ({step['path']}, weights std {INIT_STD}): "
+                             f"{sc['tokens'] - sc['differing_tokens']}/{sc['tokens']} tokens as eager "
+                             f"(first difference: {sc['first_mismatch']})")
+    for row in rows:
+        for s in ("graphs", "trees", "compiled"):
+            x = row["steps"].get(s)
+            if x:
+                agreement.append(f"- benchmark {row['shape']} batch {row['batch']}, {s} vs eager (weights std 0.02): "
+                                 f"{x['agreement_with_first']:.3f} of the tokens")
+    if agreement:
+        lines += ["", "## Float16: eager against the fast step, token by token", ""] + agreement
     if r["skipped"]:
         lines += ["", "## Skipped", ""] + [f"- {s['section']}: {s['reason']}" for s in r["skipped"]]
     return "\n".join(lines) + "\n"

@@ -60,8 +60,9 @@ def worker(total=1000.0, explained=99.5, graphs=60.0, startup=50.0, live="cuda-g
     return {"startup_s": startup, "pool": [8, 512, 16], "dtype": "float16", "describe": {
         "memory": {"total_mib": total, "parts_mib": parts, "parts_explain_percent": explained,
                    "driver_figure": "nvml_process"},
-        "decode_step": {"live": live, "reason": "self-check passed" if passed else "self-check: 3 of 99 differ",
-                        "self_check": {"passed": passed}, "compile_s": 30.0, "capture_s": 0.2,
+        "decode_step": {"live": live, "path": live, "reason": "self-check passed" if passed else "self-check: 3 of 99 differ",
+                        "self_check": {"passed": passed, "tokens": 99, "differing_tokens": 0 if passed else 3,
+                                       "first_mismatch": None}, "compile_s": 30.0, "capture_s": 0.2,
                         "shapes": [[8, 16, True]], "skipped_shapes": [], "graph_mib": graphs}}}
 
 
@@ -112,8 +113,10 @@ def test_the_markdown_has_every_section(tmp_path):
                            "hf_baseline": [{"shape": "110m", "batch": 1, "ms_per_step": 12.0, "tokens_per_s": 83}]}}
     text = gpu_report.markdown(report)
     for heading in ("# GPU report", "## Checks", "## GPU tests", "## Worker, 110m shape", "## CUDA context",
-                    "## Speed", "## Skipped"):
+                    "## Speed", "## Float16: eager against the fast step", "## Skipped"):
         assert heading in text
     assert "| 110m | 1 | 9.00 (111) | - | 0.70 (1,400); 30 s; 0.970 | - | 12.00 (83) | 11.9 ms/step |" in text
     assert "| graphs | 60.0 |  |" in text and "| **total** | **1000.0** | **1050.0** |" in text
+    assert "- 110m worker's self-check (cuda-graphs, weights std 0.1): 99/99 tokens as eager" in text
+    assert "- benchmark 110m batch 1, graphs vs eager (weights std 0.02): 0.970 of the tokens" in text
     json.dumps(report)  # what gpu-report.json holds
