@@ -27,8 +27,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-Shape = tuple[int, int, bool]  # (slots, candidates, sampling) of one decode step
-
 import torch
 
 from handler.engine.params import GenerationParams
@@ -38,6 +36,8 @@ from handler.engine.stopping import FinishReason, StoppingCriteria
 from handler.engine.text import Detokenize, IncrementalText
 
 logger = logging.getLogger(__name__)
+
+Shape = tuple[int, int, bool]  # (slots, candidates, sampling) of one decode step
 
 
 @dataclass
@@ -144,9 +144,9 @@ class Engine:
         self._shapes = shapes
         self.step_path = path if step is not None else "eager"
 
-    def _run_step(self, rows: int, k: int, sampling: bool) -> None:
+    def _run_step(self, rows: int, k: int, sampling: bool, view=None) -> None:
         if self._step is None:
-            decode_one_token(self.model, self.pool.view(rows), k, sampling)
+            decode_one_token(self.model, view if view is not None else self.pool.view(rows), k, sampling)
         else:
             self._step(rows, k, sampling)
 
@@ -333,10 +333,11 @@ class Engine:
     def _decode_and_look(self, changed: dict[str, Generation]) -> bool:
         """`sync_every` steps, then one look at the tokens; True when a request finished or got its first tokens."""
         rows, k, sampling = self._shape()
+        view = self.pool.view(rows) if self._step is None else None
         try:
             with torch.inference_mode():
                 for _ in range(self.sync_every):
-                    self._run_step(rows, k, sampling)
+                    self._run_step(rows, k, sampling, view)
                 self.steps += self.sync_every
                 return self._look(rows, changed)
         except Exception as err:  # noqa: BLE001 - the step is shared: every live request fails with it
