@@ -46,7 +46,9 @@ LABEL org.opencontainers.image.title="gpt2-contrastive-serve" \
       org.opencontainers.image.base.name="docker.io/library/python:3.11-slim-bookworm"
 
 # Java 17 for TorchServe's frontend, curl for scripts/healthcheck.sh, tini as PID 1 (forwards SIGTERM
-# to scripts/serve.sh, which stops TorchServe cleanly, and reaps orphaned worker processes).
+# to scripts/serve.sh, which stops TorchServe cleanly, and reaps orphaned worker processes). gcc and
+# libc6-dev for the compiled decode step (handler.compile: auto): Triton builds a small C launcher the first
+# time it compiles a kernel, and the slim base has no C compiler (Python's headers are in the base image).
 # The man1 folder works around openjdk's postinst on slim images, which drop /usr/share/man.
 # DL3008 (pin apt versions) is ignored on purpose: Debian's mirrors keep only the current, security-patched
 # version of each package, so an exact pin such as openjdk-17-jre-headless=17.0.x+y-1~deb12u1 stops
@@ -55,10 +57,11 @@ LABEL org.opencontainers.image.title="gpt2-contrastive-serve" \
 # hadolint ignore=DL3008
 RUN mkdir -p /usr/share/man/man1 \
     && apt-get update \
-    && apt-get install -y --no-install-recommends openjdk-17-jre-headless curl tini \
+    && apt-get install -y --no-install-recommends openjdk-17-jre-headless curl tini gcc libc6-dev \
     && apt-get clean \
     && rm -rf /var/lib/apt/lists/* \
-    && java -version
+    && java -version \
+    && gcc --version
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PYTHONDONTWRITEBYTECODE=1
 
@@ -75,6 +78,12 @@ RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cu12
 # verify it). The application files stay owned by root (read-only to the server), only the run
 # directory (keys, logs, pid file, worker sockets, extracted archives) and $HOME are the user's.
 RUN useradd --create-home --uid 1000 --user-group --shell /usr/sbin/nologin ts
+# The compile caches (Inductor's generated code and FX graphs, Triton's kernels) where user ts can write:
+# a worker's first start compiles the decode step (tens of seconds per shape); a restart that finds the
+# cache compiles in seconds. Mount a volume there to keep it across containers:
+#   docker run ... -v gpt2-compile-cache:/home/ts/.cache/compile gpt2-contrastive-serve
+RUN mkdir -p /home/ts/.cache/compile/inductor /home/ts/.cache/compile/triton \
+    && chown -R 1000:1000 /home/ts/.cache
 WORKDIR /home/ts/app
 COPY handler/ handler/
 COPY gpt2ops/ gpt2ops/
@@ -100,6 +109,8 @@ ENV MODEL_NAME=${MODEL_NAME} \
     MODEL_STORE=/home/ts/app/model_store \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
+    TORCHINDUCTOR_CACHE_DIR=/home/ts/.cache/compile/inductor \
+    TRITON_CACHE_DIR=/home/ts/.cache/compile/triton \
     PYTHONUNBUFFERED=1 \
     PYTHONPATH=/home/ts/app
 

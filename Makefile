@@ -3,6 +3,11 @@
 #            (same keys, other registered models stay) and replaces $(MODEL_NAME) with the archive just built.
 # make stop  stop that server; returns once its processes are gone
 # make test  the whole test suite (what CI runs)
+# make gpu-wheels  (a machine with network) the wheels a GPU machine lacks, into .whl/: TorchServe's `ts`, and
+#            transformers 4.55.4 for the contrastive-search baseline; carry .whl/ with the tree
+# make gpu-report  (a machine with an NVIDIA GPU, PyTorch and transformers; no TorchServe, no network) installs
+#            .whl/ into throwaway folders, runs the GPU tests, memory, speed and the self-check, and writes
+#            gpu-report.md and gpu-report.json within 8 minutes; exit 1 when a check fails, 2 without CUDA
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -17,7 +22,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: run stop test venv model archive serve register query bench bench-hf clean system-packages
+.PHONY: run stop test venv model archive serve register query bench bench-hf clean system-packages gpu-wheels gpu-report
 
 $(BIN)/.installed: requirements.txt requirements-k8s-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +86,21 @@ bench: venv
 
 bench-hf: .venv-hf/bin/.installed
 	.venv-hf/bin/python -m benchmarks.hf_contrastive
+
+# The GPU report. GPU_PYTHON: the GPU machine's Python, the one with CUDA PyTorch (not this project's .venv).
+GPU_PYTHON ?= python3
+GPU_REPORT_ARGS ?=
+TS_PIN := $(shell sed -n 's/^torchserve==//p' requirements-serve.txt)
+HF_BASELINE_PINS := transformers==4.55.4 tokenizers==0.21.4 huggingface-hub==0.34.4
+
+gpu-wheels:
+	rm -rf .whl/serve .whl/hf
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: -d .whl/serve torchserve==$(TS_PIN)
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: -d .whl/hf $(HF_BASELINE_PINS)
+	@ls -l .whl/serve .whl/hf
+
+gpu-report:
+	$(GPU_PYTHON) -m gpt2ops.gpu_report $(GPU_REPORT_ARGS)
 
 clean: stop
 	rm -rf artifacts model_store/*.mar $(RUN_DIR)

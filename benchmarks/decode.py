@@ -1,30 +1,49 @@
 #!/usr/bin/env python3
 """Decoding speed of the engine: ms per step and tokens/s per mode and batch size, with random weights.
 
-    python benchmarks/decode.py                       # 110M shape on the CPU: batch 1, 8, 32
-    python benchmarks/decode.py --device cuda --shape 110m 3.5b --new-tokens 128
+    python -m benchmarks.decode                                  # 110M shape on the CPU: batch 1, 8, 32, eager
+    python -m benchmarks.decode --compile --modes contrastive --batch 1   # + the compiled step beside it
+    python -m benchmarks.decode --device cuda --shape 110m 3.5b --new-tokens 128   # eager, compiled, graphs
+    python -m benchmarks.decode --device cuda --steps eager graphs trees --json out.json
 
 Each configuration: a 16-token prompt per row, `--new-tokens` new tokens, no early stop
 (no end-of-text token), timed after a warm-up run. ms/step is the time of one decoding
 step for the whole batch (prefill included, divided by the steps); tokens/s counts
 generated tokens of all rows. `hf-greedy` is transformers' own `generate` (greedy, its
 dynamic cache) on the same weights, for scale: transformers 5 has no contrastive search.
+
+Decode steps, side by side in one run (`--steps`; the default is eager, compiled and graphs on CUDA, eager on
+the CPU, where `--compile` adds the compiled step):
+
+- eager     `decode_one_token` as the engine runs it without the fast path, in the smallest bucket per step;
+- compiled  `torch.compile(fullgraph=True)` of the same step (handler.engine.compiled.FastStep, no graphs);
+- graphs    the compiled step captured in a CUDA graph per shape, replayed (the handler's `compile: auto`);
+- trees     the compiled step with mode="reduce-overhead" (cudagraph trees), the alternative to manual capture.
+
+A fast step runs one shape here: the full pool with the largest candidate bucket and the sampler on (what
+the handler's fast shapes are), so the sampler's sort over the vocabulary is in its time even when no row
+samples. "compile s" is compiling (and capturing) that shape. "agree" is the share of generated tokens
+equal to the eager step's on the same prompts and seeds: 1.0 in float32; in float16 rounding differs
+between compiled and eager kernels, and one different token changes the rest of its row.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 
 from handler.engine import Engine, GenerationParams, PoolShape, Request
 from handler.engine.model import CompactGPT2
+
+STEPS = {"eager": None, "compiled": "none", "graphs": "manual", "trees": "trees"}  # -> FastStep's graphs
 
 SHAPES = {
     "110m": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
@@ -53,12 +72,22 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_engine(model, mode: str, batch: int, prompt_len: int, new: int, device) -> float:
-    """Seconds for `batch` requests of `mode` submitted together to a pool of `batch` slots (prefill included)."""
+def time_engine(model, mode: str, batch: int, prompt_len: int, new: int, device, step: str = "eager") -> dict:
+    """`batch` requests of `mode` submitted together to a pool of `batch` slots (prefill included), decoded with
+    the `step` kind; returns seconds, the tokens, and the fast step's compile (and capture) seconds."""
     params = GenerationParams(**{**MODES[mode].__dict__, "max_new_tokens": new})
     g = torch.Generator().manual_seed(batch)
     prompts = [torch.randint(1, model.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(batch)]
     engine = Engine(model, PoolShape(batch, prompt_len + new, params.num_candidates), sync_every=16)
+    compile_s = None
+    if step != "eager":
+        from handler.engine.compiled import FastStep
+
+        shapes = [(batch, engine.shape.candidates, True)]
+        fast = FastStep(model, engine.pool, shapes, graphs=STEPS[step])
+        prep = fast.prepare()
+        compile_s = prep.compile_s + prep.capture_s
+        engine.set_step(fast, shapes, fast.path)
 
     def run(tag: str) -> list:
         return engine.generate([Request(f"{tag}{i}", p, params, (), seed=i) for i, p in enumerate(prompts)])
@@ -68,8 +97,10 @@ def time_engine(model, mode: str, batch: int, prompt_len: int, new: int, device)
     start = time.perf_counter()
     results = run("timed")
     sync(device)
-    assert all(len(r.tokens) == new for r in results)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    assert all(r.error is None and len(r.tokens) == new for r in results), [r.error for r in results]
+    assert engine.step_path == ("eager" if step == "eager" else engine.step_path) and engine.step_error is None
+    return {"seconds": seconds, "tokens": [r.tokens for r in results], "compile_s": compile_s}
 
 
 @torch.inference_mode()
@@ -109,23 +140,88 @@ def start_table(args, about: str) -> tuple[torch.device, torch.dtype, int]:
     return device, dtype, new
 
 
+def agreement(reference: list[list[int]], tokens: list[list[int]]) -> float:
+    total = sum(len(r) for r in reference)
+    same = sum(a == b for ref, out in zip(reference, tokens) for a, b in zip(ref, out))
+    return same / total if total else 1.0
+
+
+def forget_compiled(device) -> None:
+    """Drop what a fast step left behind (Dynamo's caches, graphs' memory) before the next configuration."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def main(argv=None) -> int:
     parser = base_parser(__doc__)
     parser.add_argument("--modes", nargs="+", default=list(MODES) + ["hf-greedy"])
+    parser.add_argument("--steps", nargs="+", choices=list(STEPS), default=None,
+                        help="decode steps side by side (default: eager compiled graphs on CUDA, eager on the CPU)")
+    parser.add_argument("--compile", action="store_true", help="add the compiled step (the CPU's way to compare)")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                        help="default: float16 on CUDA, float32 on the CPU")
+    parser.add_argument("--json", default=None, help="also write every row to this file")
     args = parser.parse_args(argv)
-    device, dtype, new = start_table(args, "engine path: eager (no CUDA graphs)")
+    device = torch.device(args.device)
+    steps = args.steps or (["eager", "compiled", "graphs"] if device.type == "cuda" else ["eager"])
+    if args.compile and "compiled" not in steps:
+        steps.append("compiled")
+    if device.type != "cuda" and set(steps) & {"graphs", "trees"}:
+        parser.error("CUDA graphs (graphs, trees) need --device cuda")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    new = args.new_tokens or (128 if device.type == "cuda" else 32)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "CPU")
+    print(f"# device: {device} ({name}); torch {torch.__version__}; dtype {str(dtype)[6:]}; "
+          f"threads {torch.get_num_threads()}; cpus {os.cpu_count()}")
+    print(f"# prompt {args.prompt_tokens} tokens, {new} new tokens per row; decode steps: {', '.join(steps)}")
+    head = "| shape | mode | batch |" + "".join(f" {s} ms/step | {s} tokens/s |" for s in steps)
+    head += "".join(f" {s} compile s | {s} agree |" for s in steps if s != "eager")
+    print(head)
+    print("|---|---|---:|" + "---:|" * (head.count("|") - 4))
+    rows = []
     for shape in args.shape:
         hf, model = build(shape, device, dtype)
         for mode in args.modes:
             for batch in args.batch:
+                row = {"shape": shape, "mode": mode, "batch": batch, "new_tokens": new, "dtype": str(dtype)[6:],
+                       "device": name, "steps": {}}
                 if mode == "hf-greedy":
                     seconds = time_hf_greedy(hf, batch, args.prompt_tokens, new, device)
+                    row["steps"]["eager"] = {"ms_per_step": 1000 * seconds / new, "tokens_per_s": batch * new / seconds}
                 else:
-                    seconds = time_engine(model, mode, batch, args.prompt_tokens, new, device)
-                print(f"| {shape} | {mode} | {batch} | {1000 * seconds / new:.1f} | {batch * new / seconds:,.0f} |",
-                      flush=True)
+                    reference = None
+                    for step in steps:
+                        out = time_engine(model, mode, batch, args.prompt_tokens, new, device, step)
+                        reference = reference or out["tokens"]
+                        row["steps"][step] = {"ms_per_step": 1000 * out["seconds"] / new,
+                                              "tokens_per_s": batch * new / out["seconds"],
+                                              "compile_s": out["compile_s"],
+                                              "agreement_with_first": agreement(reference, out["tokens"])}
+                        if step != "eager":
+                            forget_compiled(device)
+                rows.append(row)
+                print(format_row(row, steps), flush=True)
         del hf, model
+        forget_compiled(device)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"device": name, "torch": torch.__version__, "steps": steps, "rows": rows}, f, indent=2)
     return 0
+
+
+def format_row(row: dict, steps: list[str]) -> str:
+    cells = [row["shape"], row["mode"], str(row["batch"])]
+    for s in steps:
+        r = row["steps"].get(s)
+        cells += [f"{r['ms_per_step']:.2f}", f"{r['tokens_per_s']:,.0f}"] if r else ["-", "-"]
+    for s in steps:
+        if s == "eager":
+            continue
+        r = row["steps"].get(s)
+        cells += [f"{r['compile_s']:.1f}", f"{r['agreement_with_first']:.3f}"] if r else ["-", "-"]
+    return "| " + " | ".join(cells) + " |"
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ The model is a saved model folder or a config.json, given as the first argument 
 The arithmetic is `handler.memory.plan.Plan`: CUDA context + weights + the
 slot pool (KV cache, context hidden states and slot state: what the worker
 allocates once at start) + activations of the largest prefill or step +
-cuBLAS workspace + allocator slack, per worker; every worker on a GPU pays all
+cuBLAS workspace + allocator slack, per worker; with `--decode-step graphs`
+(the default: what `compile: auto` builds on a GPU) the step's activations are
+the CUDA graphs' pool instead, beside the prefill's in the allocator's cache; every worker on a GPU pays all
 of it again (its own context, its own copy of the weights, its own pool). The
 defaults (8 slots of 512 positions, top-k 16) are the pool of the shipped
 model-config.yaml: batchSize 8, max_top_k 16, max_prompt_tokens + max_new_tokens
@@ -133,7 +135,7 @@ def plan_report(args) -> dict:
     gpu_name, gpu_mib, workspace = resolve_gpu(args)
     context, context_source = resolve_context(args)
     plan = Plan(shape, DTYPE_BYTES[args.dtype], args.workers, args.slots, args.top_k, args.max_len, context,
-                workspace)
+                workspace, graphs=args.decode_step == "graphs")
     per_worker = plan.per_worker()
     per_gpu = plan.per_gpu_mib()
     headroom = round(gpu_mib - per_gpu, 1)
@@ -149,6 +151,7 @@ def plan_report(args) -> dict:
         "prompt_tokens": prompt,
         "new_tokens": args.max_len - prompt,
         "context_source": context_source,
+        "decode_step": args.decode_step,
         "per_worker_mib": per_worker,
         "workers_per_gpu": args.workers,
         "per_gpu_mib": per_gpu,
@@ -166,7 +169,8 @@ def format_report(r: dict) -> str:
         f"model: {r['source']}: n_layer {s['n_layer']}, n_embd {s['n_embd']}, n_head {s['n_head']}, "
         f"vocab {s['vocab_size']}, n_positions {s['n_positions']} ({r['parameters'] / 1e6:,.1f} M parameters)",
         f"slot pool: {r['dtype']}, {r['slots']} slots of {r['max_len']} positions, top-k {r['top_k']} "
-        f"(activations for a {r['prompt_tokens']}-token prompt); CUDA context {r['context_source']}",
+        f"(activations for a {r['prompt_tokens']}-token prompt); CUDA context {r['context_source']}; "
+        f"decode step: {r['decode_step']}",
         "",
         f"{'part':<26}{'MiB per worker':>16}",
     ]
@@ -219,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests decoded at once: the pool's slots (default 8: batchSize)")
     parser.add_argument("--top-k", type=positive_int, default=16, help="contrastive candidates (default 16: max_top_k)")
     parser.add_argument("--max-len", type=positive_int, default=512, help="prompt + new tokens (default 512)")
+    parser.add_argument("--decode-step", choices=("graphs", "eager"), default="graphs",
+                        help="graphs: the step replays CUDA graphs (compile: auto on a GPU, the default); "
+                             "eager: compile: off, or a worker whose fast step fell back")
     context = parser.add_mutually_exclusive_group()
     context.add_argument("--context-mib", type=positive_float,
                          help=f"CUDA context per worker (default {DEFAULT_CONTEXT_MIB:g}: H100, lazy loading)")

@@ -5,15 +5,17 @@ TorchServe's hooks to the engine in `handler.engine` and the serving pieces in
 `handler.serving`:
 
 - `initialize`: settings, device, model and tokenizer (`serving.loading`), the
-  slot pool sized to the worker's memory, a warm-up that times the slowest
-  step, the memory breakdown (`handler.memory`) and its gauges;
+  slot pool sized to the worker's memory, the fast decode step (compiled, CUDA
+  graphs; self-checked against eager, which serves when it fails:
+  `handler.engine.compiled`), a warm-up that times the slowest step, the memory
+  breakdown (`handler.memory`) and its gauges;
 - `preprocess`: each request prepared (parsed, checked, admitted) or answered
   with its own error; the engine takes the valid ones (`serving.batching`);
 - `inference`: the engine decodes (continuous batching: one iteration);
 - `postprocess`: one answer per request, in order, each with its own status;
 - the routes under `/predictions/<model>/<version>/`: `describe`, and the
   OpenAI-compatible API under `v1/` (`serving.openai_api`);
-- `describe_handle`: the memory breakdown, the pool and the engine's load.
+- `describe_handle`: the memory breakdown, the decode step that serves, the pool and the engine's load.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 
 from ts.torch_handler.base_handler import BaseHandler
 
+from handler.engine.compiled import enable_fast_path
 from handler.engine.scheduler import Engine
 from handler.memory.ledger import MemoryLedger
 from handler.memory.plan import ModelShape
@@ -60,6 +63,8 @@ class ContrastiveGPT2Handler(BaseHandler):
                              sync_every=settings.stop_check_interval,
                              fixed_shapes=settings.pool.decode_shapes == "fixed")
         self.ledger.mark("pool")
+        self.fast_path = enable_fast_path(self.engine, settings.compile)
+        self.ledger.mark("graphs", graph_pool=self.fast_path.graph_pool)
         self.admission = Admission(settings.limits, model.n_positions, pool,
                                    self.engine.pool.nbytes() // (pool.max_slots * pool.max_len),
                                    settings.request_budget_s)
@@ -95,7 +100,7 @@ class ContrastiveGPT2Handler(BaseHandler):
         return out
 
     def describe_handle(self):
-        """The memory breakdown, the pool, the engine's load, the limits.
+        """The memory breakdown, the decode step that serves, the pool, the engine's load, the limits.
 
         `GET /predictions/<name>/<version>/describe` (inference key) answers it in every mode; TorchServe's
         `GET /models/<name>?customized=true` only without continuous batching (see handler.serving.routes).
@@ -106,6 +111,8 @@ class ContrastiveGPT2Handler(BaseHandler):
             "device": str(self.device),
             "dtype": str(self.loaded.model.dtype).replace("torch.", ""),
             "scheduling": "continuous" if self.settings.continuous_batching else "run to completion",
+            "decode_step": {"live": self.engine.step_path, "dropped_while_serving": self.engine.step_error,
+                            **self.fast_path.as_dict()},
             "pool": {"max_slots": pool.max_slots, "max_len": pool.max_len, "max_top_k": pool.max_top_k,
                      "candidate_positions": pool.candidates,
                      "decode_shapes": self.settings.pool.decode_shapes},

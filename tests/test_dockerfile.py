@@ -394,3 +394,58 @@ def test_default_model_dir_is_in_the_build_context(instructions):
     assert defaults, "no ARG MODEL_DIR=<default>"
     for default in defaults:
         assert not dockerignored(default.strip("/") + "/config.json"), f"{default} is excluded by .dockerignore"
+
+
+# --- what the compiled decode step needs at run time (handler.compile: auto) ----------------------------
+
+
+def _apt_packages(stage: list[Instruction]) -> set[str]:
+    packages: set[str] = set()
+    for run in (i.args for i in stage if i.keyword == "RUN" and "apt-get install" in i.args):
+        for cmd in run.split("&&"):
+            words = cmd.split()
+            if words[:2] == ["apt-get", "install"]:
+                packages |= {w.split("=")[0] for w in words[2:] if not w.startswith("-")}
+    return packages
+
+
+def test_final_stage_has_a_c_compiler_for_triton(final_stage):
+    """Triton compiles a small C launcher the first time it builds a kernel; python:*-slim has no compiler."""
+    packages = _apt_packages(final_stage)
+    assert "build-essential" in packages or {"gcc", "libc6-dev"} <= packages, sorted(packages)
+
+
+def _runtime_user(stage: list[Instruction]) -> set[str]:
+    """The names the final USER goes by: its uid (and gid), and the name useradd gave that uid."""
+    user = _one(stage, "USER").args.strip()
+    names = set(user.split(":"))
+    for run in (i.args for i in stage if i.keyword == "RUN" and "useradd" in i.args):
+        m = re.search(r"useradd\b.*--uid\s+(\d+).*\s(\w+)\s*(?:&&|$)", run)
+        if m and m.group(1) in names:
+            names.add(m.group(2))
+    return names
+
+
+def _chowned(stage: list[Instruction], before_line: int) -> list[tuple[str, str, bool]]:
+    """(path, owner, recursive) of every chown a RUN before `before_line` makes."""
+    out = []
+    for run in (i for i in stage if i.keyword == "RUN" and i.line < before_line):
+        for cmd in run.args.split("&&"):
+            words = cmd.split()
+            if words and words[0] == "chown":
+                flags = [w for w in words[1:] if w.startswith("-")]
+                rest = [w for w in words[1:] if not w.startswith("-")]
+                out += [(path.rstrip("/"), rest[0], "-R" in flags) for path in rest[1:]]
+    return out
+
+
+@pytest.mark.parametrize("key", ["TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"])
+def test_compile_caches_are_where_the_runtime_user_can_write(final_stage, key):
+    env = _env(final_stage)
+    assert key in env, f"ENV {key} is not set: the cache would go to /tmp, lost at every restart"
+    path = env[key].rstrip("/")
+    user = _runtime_user(final_stage)
+    assert user & {"1000", "ts"}, user
+    owned = [(p, owner, rec) for p, owner, rec in _chowned(final_stage, _one(final_stage, "USER").line)
+             if set(owner.split(":")) <= user and (p == path or (rec and path.startswith(p + "/")))]
+    assert owned, f"{path} is not chowned to the runtime user {sorted(user)} before USER"

@@ -105,6 +105,7 @@ TABLE_ROWS = {  # README label -> plan_memory's part
     "KV cache": "kv_cache",
     "context hidden states and slots": "context_hidden_and_slots",
     "activations": "activations",
+    "CUDA graphs (the step's activations, capture stream's workspace)": "graphs",
     "cuBLAS workspace": "workspaces",
     "allocator slack": "allocator_slack",
     "total": "total",

@@ -37,6 +37,8 @@ from handler.engine.text import Detokenize, IncrementalText
 
 logger = logging.getLogger(__name__)
 
+Shape = tuple[int, int, bool]  # (slots, candidates, sampling) of one decode step
+
 
 @dataclass
 class Request:
@@ -113,6 +115,46 @@ class Engine:
         self.generated_tokens = 0
         self.steps = 0
         self.last_ttft_ms: float | None = None
+        # The decode step: the eager `decode_one_token` over every bucket, unless `set_step` installed another
+        # (handler.engine.compiled: compiled, replayed from CUDA graphs) with the shapes it runs.
+        self._step: Callable[[int, int, bool], None] | None = None
+        self._shapes: tuple[Shape, ...] | None = None
+        self.step_path = "eager"
+        self.step_error: str | None = None  # why the installed step was dropped while serving, if it was
+
+    # ---- the decode step ----
+
+    def set_step(self, step: Callable[[int, int, bool], None] | None = None,
+                 shapes: Iterable[Shape] | None = None, path: str = "eager") -> None:
+        """Decode through `step(rows, k, sampling)` (None: the eager `decode_one_token`) at `shapes` only.
+
+        `shapes` (None: every bucket) is a covering set: each step runs in the smallest shape of the set with at
+        least the live slots, at least their largest candidate bucket, and the sampler when a slot samples. A
+        slot's tokens do not depend on the shape it runs in (handler.engine.step), so a set of a few shapes serves
+        every mix of requests; it must hold the full pool's shape (max_slots, candidates, sampling on).
+        """
+        if self.busy:
+            raise RuntimeError("set_step needs an idle engine")
+        if shapes is not None:
+            shapes = tuple(sorted(set(shapes)))
+            full = (self.shape.max_slots, self.shape.candidates, True)
+            if not any(_covers(s, full) for s in shapes):
+                raise ValueError(f"shapes {shapes} do not cover the full pool {full}")
+        self._step = step
+        self._shapes = shapes
+        self.step_path = path if step is not None else "eager"
+
+    def _run_step(self, rows: int, k: int, sampling: bool, view=None) -> None:
+        if self._step is None:
+            decode_one_token(self.model, view if view is not None else self.pool.view(rows), k, sampling)
+        else:
+            self._step(rows, k, sampling)
+
+    def _drop_step(self, err: BaseException) -> None:
+        """The installed step failed while serving: back to the eager step for good (and say why)."""
+        logger.error("the %s decode step failed (%r): serving with the eager step from now on", self.step_path, err)
+        self.step_error = f"{self.step_path}: {type(err).__name__}: {err}"
+        self._step, self._shapes, self.step_path = None, None, "eager"
 
     # ---- requests in ----
 
@@ -208,7 +250,7 @@ class Engine:
             raise RuntimeError("warm_up needs an idle engine")
         with torch.inference_mode():
             for rows, k, sampling in self.step_shapes():
-                decode_one_token(self.model, self.pool.view(rows), k, sampling)
+                self._run_step(rows, k, sampling)
         untimed = self.sync_every
         steps = max(self.sync_every, min(steps, self.shape.max_len - 1 - untimed))
         prompt_len = max(1, min(prompt_len, self.shape.max_len - steps - untimed))
@@ -239,6 +281,8 @@ class Engine:
 
     def step_shapes(self) -> list[tuple[int, int, bool]]:
         """Every (slots, candidates, sampling) a decode step of this engine may run with."""
+        if self._shapes is not None:
+            return list(self._shapes)
         if self.fixed_shapes:
             return [(self.shape.max_slots, self.shape.candidates, True)]
         ks = [k for k in CANDIDATE_BUCKETS if k <= self.shape.candidates]
@@ -273,27 +317,33 @@ class Engine:
             self.running[slot] = gen
 
     def _shape(self) -> tuple[int, int, bool]:
-        """(slots, candidates, sampling) of the next steps: the smallest bucket that holds the live slots."""
+        """(slots, candidates, sampling) of the next steps: the smallest shape that holds the live slots."""
         if self.fixed_shapes:
-            return self.shape.max_slots, self.shape.candidates, True
-        top = max(self.running) + 1
-        rows = next(b for b in self.buckets if b >= top)
-        params = [g.request.params for g in self.running.values()]
-        k = candidate_bucket(max(p.num_candidates for p in params))
-        return rows, k, any(p.decoding == "sample" for p in params)
+            need = (self.shape.max_slots, self.shape.candidates, True)
+        else:
+            top = max(self.running) + 1
+            rows = next(b for b in self.buckets if b >= top)
+            params = [g.request.params for g in self.running.values()]
+            k = candidate_bucket(max(p.num_candidates for p in params))
+            need = (rows, k, any(p.decoding == "sample" for p in params))
+        if self._shapes is None:
+            return need
+        return min(s for s in self._shapes if _covers(s, need))
 
     def _decode_and_look(self, changed: dict[str, Generation]) -> bool:
         """`sync_every` steps, then one look at the tokens; True when a request finished or got its first tokens."""
         rows, k, sampling = self._shape()
-        view = self.pool.view(rows)
+        view = self.pool.view(rows) if self._step is None else None
         try:
             with torch.inference_mode():
                 for _ in range(self.sync_every):
-                    decode_one_token(self.model, view, k, sampling)
+                    self._run_step(rows, k, sampling, view)
                 self.steps += self.sync_every
                 return self._look(rows, changed)
         except Exception as err:  # noqa: BLE001 - the step is shared: every live request fails with it
             logger.exception("decode step failed with %d live requests", len(self.running))
+            if self._step is not None:
+                self._drop_step(err)
             gens = list(self.running.values())
             for gen in gens:
                 gen.error = err
@@ -348,6 +398,11 @@ class Engine:
     def _finish(self, gen: Generation, reason: FinishReason) -> None:
         gen.finish_reason = reason
         gen.finished_at = time.monotonic()
+
+
+def _covers(shape: Shape, need: Shape) -> bool:
+    """Whether a step of `shape` serves what `need` asks for: as many slots and candidates or more, the sampler."""
+    return shape[0] >= need[0] and shape[1] >= need[1] and (shape[2] or not need[2])
 
 
 def generate(model, requests: Sequence[Request], *, detokenize: Detokenize | None = None, sync_every: int = 4,

@@ -8,8 +8,13 @@ and what the allocator reserves is allocated tensors (weights, the slot pool,
 anything kept) plus its cache (reserved but unused: the warm-up's activations,
 kept for the next step). The stages are: before CUDA is touched, after the
 context exists (one 1-element tensor), after the weights are loaded, after the
-slot pool is allocated (`handler.engine.pool`), and after a warm-up that runs
-the largest prompt and a full-pool decode step. "other" is what the
+slot pool is allocated (`handler.engine.pool`), after the fast decode step is
+built ("graphs", optional: compiled, CUDA graphs captured, self-checked;
+`handler.engine.compiled`), and after a warm-up that runs the largest prompt and
+a full-pool decode step. "graphs" is what that stage added: the CUDA graphs'
+private memory pool (the captured steps' activations), tensors the compiled
+code keeps, and what the driver counts beyond the allocator for it (kernel
+images, instantiated graphs). "other" is what the
 driver counts that no named part explains (library workspaces, kernels loaded
 lazily after the context was measured); a healthy worker keeps it within a few
 percent of the total.
@@ -35,6 +40,7 @@ from handler.memory.plan import MIB
 logger = logging.getLogger(__name__)
 
 STAGES = ("start", "context", "weights", "pool", "warmup")
+GRAPHS = "graphs"  # optional stage between "pool" and "warmup"
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,7 @@ class MemoryLedger:
         self.driver_version = driver_version
         self.gpu_total = gpu_total
         self.readings: dict[str, Reading] = {}
+        self.graph_pool: tuple[int, int] = (0, 0)  # (reserved, allocated) bytes of the CUDA graphs' memory pool
 
     @classmethod
     def for_device(cls, device: torch.device) -> "MemoryLedger":
@@ -109,10 +116,14 @@ class MemoryLedger:
         if self.on_gpu:
             torch.zeros(1, device=self.device)
 
-    def mark(self, stage: str) -> None:
-        """Take the figures of `stage` (one of STAGES)."""
-        if stage not in STAGES:
+    def mark(self, stage: str, *, graph_pool: tuple[int, int] | None = None) -> None:
+        """Take the figures of `stage` (one of STAGES, or GRAPHS with the graphs' pool (reserved, allocated))."""
+        if stage not in STAGES and stage != GRAPHS:
             raise ValueError(f"unknown stage {stage!r}")
+        if graph_pool is not None:
+            if stage != GRAPHS:
+                raise ValueError("graph_pool belongs to the graphs stage")
+            self.graph_pool = (int(graph_pool[0]), int(graph_pool[1]))
         mine, used = self.query() if self.query is not None else (None, None)
         if self.on_gpu and stage != "start":
             torch.cuda.synchronize(self.device)
@@ -134,7 +145,7 @@ class MemoryLedger:
                 "weights_mib": _mib(weights_bytes),
                 "slot_pool_mib": _mib(pool_bytes),
             }
-        parts, method = split(self.readings)
+        parts, method = split(self.readings, self.graph_pool)
         total = parts.pop("driver_total")
         named = sum(v for k, v in parts.items() if k != "other")
         return {
@@ -152,21 +163,26 @@ class MemoryLedger:
             "each_extra_worker_costs_mib": _mib(parts["cuda_context"] + parts["weights"] + parts["slot_pool"]),
             "stages": {k: {f: (_mib(v) if isinstance(v, int) else v) for f, v in asdict(r).items() if f != "stage"}
                        for k, r in self.readings.items()},
+            **({"graph_pool_mib": {"reserved": _mib(self.graph_pool[0]), "allocated": _mib(self.graph_pool[1])}}
+               if GRAPHS in self.readings else {}),
         }
 
 
-def split(readings: dict[str, Reading]) -> tuple[dict[str, int], str]:
+def split(readings: dict[str, Reading], graph_pool: tuple[int, int] = (0, 0)) -> tuple[dict[str, int], str]:
     """The parts (bytes) from the stage readings; returns (parts, how the driver figure was read).
 
     cuda_context     driver figure after the context exists, minus what the allocator held then
     weights          allocated after loading minus allocated before
     slot_pool        allocated after the pool minus allocated after loading
+    graphs           (only with a graphs stage) the graphs' pool as reserved, tensors the stage kept outside it,
+                     and the driver's growth over the stage beyond the allocator's
     activations      peak allocated during warm-up beyond what stayed allocated (now in the cache)
-    allocator_cache  reserved but unused after warm-up, beyond the warm-up's peak use
-    other_allocated  tensors allocated after warm-up beyond weights and pool (workspaces, kept buffers)
+    allocator_cache  reserved but unused after warm-up, beyond the warm-up's peak use (the graphs' pool excluded)
+    other_allocated  tensors allocated after warm-up beyond weights, pool and graphs (workspaces, kept buffers)
     other            the driver's figure that none of the above explains
     """
     start, ctx, weights, pool, warm = (readings[s] for s in STAGES)
+    graphs = readings.get(GRAPHS)
     if warm.driver_process is not None and ctx.driver_process is not None:
         method = "nvml_process"
         total, ctx_driver = warm.driver_process, ctx.driver_process
@@ -180,21 +196,43 @@ def split(readings: dict[str, Reading]) -> tuple[dict[str, int], str]:
     cuda_context = ctx_driver - ctx.reserved
     weight_bytes = weights.allocated - ctx.allocated
     pool_bytes = pool.allocated - weights.allocated
-    peak = max(0, warm.peak_allocated - pool.allocated)
-    other_allocated = max(0, warm.allocated - pool.allocated)
-    cache = warm.reserved - warm.allocated
+    graph_reserved, graph_allocated = graph_pool if graphs is not None else (0, 0)
+    kept = 0  # tensors the graphs stage allocated outside the graphs' pool and kept (the compiled code's constants)
+    driver_growth = 0  # what the driver added over the stage beyond the allocator's reservations
+    if graphs is not None:
+        kept = max(0, graphs.allocated - pool.allocated - graph_allocated)
+        grew = _driver_delta(method, pool, graphs)
+        if grew is not None:
+            driver_growth = max(0, grew - (graphs.reserved - pool.reserved))
+    base = pool.allocated + graph_allocated + kept  # allocated after the graphs stage, for good
+    peak = max(0, warm.peak_allocated - base)
+    other_allocated = max(0, warm.allocated - base)
+    cache = (warm.reserved - graph_reserved) - (warm.allocated - graph_allocated)
     held_from_peak = min(cache, max(0, peak - other_allocated))
     parts = {
         "cuda_context": cuda_context,
         "weights": weight_bytes,
         "slot_pool": pool_bytes,
+    }
+    if graphs is not None:
+        parts["graphs"] = graph_reserved + kept + driver_growth
+    parts.update({
         "activations": held_from_peak,
         "allocator_cache": cache - held_from_peak,
         "other_allocated": other_allocated + ctx.allocated,
-    }
+    })
     parts["other"] = total - sum(parts.values())
     parts["driver_total"] = total
     return parts, method
+
+
+def _driver_delta(method: str, before: Reading, after: Reading) -> int | None:
+    """The driver's growth between two stages, read as the total was read (None: no driver figure)."""
+    if method == "nvml_process" and before.driver_process is not None and after.driver_process is not None:
+        return after.driver_process - before.driver_process
+    if method == "nvml_device_delta" and before.driver_device_used is not None and after.driver_device_used is not None:
+        return after.driver_device_used - before.driver_device_used
+    return None
 
 
 def _mib(n: int | None) -> float | None:

@@ -2,6 +2,8 @@
 
     per worker = CUDA context + weights + slot pool (KV cache, context hidden states, slot state)
                  + activations of the largest prefill or step + cuBLAS workspace + allocator slack
+                 (+ with CUDA graphs: the graphs' pool, which holds the full-pool step's activations and the
+                  capture stream's cuBLAS workspace; the allocator's cache then holds the prefill's only)
     per GPU    = workers x per worker
 
 The same arithmetic sizes the slot pool when a worker starts (`size_pool`), is
@@ -61,20 +63,31 @@ def pool_parts(shape: ModelShape, pool: PoolShape, dtype_bytes: int) -> dict[str
                       dtype_bytes=dtype_bytes)
 
 
-def activation_bytes(shape: ModelShape, pool: PoolShape, dtype_bytes: int, prompt_len: int | None = None) -> int:
-    """Peak transient bytes beside the pool: the larger of one prompt's prefill and one full-pool decode step.
-
-    prefill (one prompt alone): residual, qkv, attention output, MLP in and out, the [H, T, T] scores of a
-    math attention, the last position's logits. Step: the same per candidate (S*K rows), scores over every
-    position, logits and probabilities in float32, and the sampler's sorted logits, order and noise.
-    """
-    d, H, V, S, K = shape.n_embd, shape.n_head, shape.vocab_size, pool.max_slots, pool.candidates
+def prefill_activation_bytes(shape: ModelShape, pool: PoolShape, dtype_bytes: int, prompt_len: int | None = None) -> int:
+    """One prompt's prefill alone: residual, qkv, attention output, MLP in and out, the [H, T, T] scores of a
+    math attention, the last position's logits."""
+    d, H, V = shape.n_embd, shape.n_head, shape.vocab_size
     T = prompt_len if prompt_len is not None else pool.max_len
-    per_token = (d * 6 + shape.inner * 2) * dtype_bytes
-    prefill = T * per_token + H * T * T * dtype_bytes + V * 4
+    return T * _per_token_bytes(shape, dtype_bytes) + H * T * T * dtype_bytes + V * 4
+
+
+def step_activation_bytes(shape: ModelShape, pool: PoolShape, dtype_bytes: int) -> int:
+    """One full-pool decode step: per candidate (S*K rows) as in the prefill, scores over every position,
+    logits and probabilities in float32, and the sampler's sorted logits, order and noise."""
+    V, H, S, K = shape.vocab_size, shape.n_head, pool.max_slots, pool.candidates
     rows = S * K
-    step = rows * per_token + rows * H * pool.positions * 4 + S * V * 4 * 3 + S * V * (4 + 8) * 2
-    return max(prefill, step)
+    return rows * _per_token_bytes(shape, dtype_bytes) + rows * H * pool.positions * 4 + S * V * 4 * 3 \
+        + S * V * (4 + 8) * 2
+
+
+def _per_token_bytes(shape: ModelShape, dtype_bytes: int) -> int:
+    return (shape.n_embd * 6 + shape.inner * 2) * dtype_bytes
+
+
+def activation_bytes(shape: ModelShape, pool: PoolShape, dtype_bytes: int, prompt_len: int | None = None) -> int:
+    """Peak transient bytes beside the pool: the larger of one prompt's prefill and one full-pool decode step."""
+    return max(prefill_activation_bytes(shape, pool, dtype_bytes, prompt_len),
+               step_activation_bytes(shape, pool, dtype_bytes))
 
 
 def size_pool(shape: ModelShape, wanted: PoolShape, dtype_bytes: int, budget_bytes: float | None,
@@ -123,6 +136,7 @@ class Plan:
     max_len: int  # positions per slot: prompt + new tokens
     context_mib: float
     workspace_mib: float = WORKSPACE_MIB_HOPPER
+    graphs: bool = False  # the decode step replays CUDA graphs (handler.compile auto on a GPU)
 
     @property
     def pool(self) -> PoolShape:
@@ -136,8 +150,14 @@ class Plan:
             "weights": weights / MIB,
             "kv_cache": pool["kv_cache"] / MIB,
             "context_hidden_and_slots": (pool["context_hidden"] + pool["slot_state"]) / MIB,
-            "activations": activation_bytes(self.shape, self.pool, self.dtype_bytes, self.max_len // 2) / MIB,
         }
+        prompt = self.max_len // 2
+        if self.graphs:  # the step's activations live in the graphs' pool, with the capture stream's workspace
+            parts["activations"] = prefill_activation_bytes(self.shape, self.pool, self.dtype_bytes, prompt) / MIB
+            parts["graphs"] = step_activation_bytes(self.shape, self.pool, self.dtype_bytes) / MIB \
+                + self.workspace_mib
+        else:
+            parts["activations"] = activation_bytes(self.shape, self.pool, self.dtype_bytes, prompt) / MIB
         parts["allocator_slack"] = ALLOCATOR_SLACK * (sum(parts.values()) - self.context_mib)
         parts["workspaces"] = self.workspace_mib  # one fixed allocation: no slack on it
         parts["total"] = sum(parts.values())

@@ -21,6 +21,7 @@ from handler.serving.fields import RequestLimits, defaults_from_config
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_RESPONSE_TIMEOUT_S = 120  # TorchServe's default_response_timeout
 DECODE_SHAPES = ("buckets", "fixed")
+COMPILE = ("auto", "on", "off")  # handler.engine.compiled.SETTINGS
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ class HandlerSettings:
     stop_check_interval: int = 4  # decode steps between looks at the tokens on the host
     iteration_ms: float = 25.0  # continuous batching: decoding per call of the frontend before it gets answers
     warmup: bool = True  # time a step at the full pool before serving
+    # the decode step: auto = compiled + CUDA graphs on a GPU, eager on the CPU | on = compiled on any device |
+    # off = eager; a fast step that fails its start-up self-check (or errs) falls back to eager by itself
+    compile: str = "auto"
     timeout_fraction: float = 0.8  # a request ends ("timeout") after this part of responseTimeout
     fault_injection: bool = False  # tests only: the header "X-Fault-Injection: oom" fails a request's prefill
     pool: PoolSettings = PoolSettings()
@@ -102,6 +106,8 @@ class HandlerSettings:
         if isinstance(self.iteration_ms, bool) or not isinstance(self.iteration_ms, (int, float)) \
                 or not 0 < self.iteration_ms <= 10_000:
             raise ValueError(f"handler.iteration_ms must be a number in (0, 10000], got {self.iteration_ms!r}")
+        if self.compile not in COMPILE:
+            raise ValueError(f"handler.compile must be one of {COMPILE}, got {self.compile!r}")
         if not isinstance(self.warmup, bool):
             raise ValueError(f"handler.warmup must be true or false, got {self.warmup!r}")
         if not 0 < self.timeout_fraction <= 1:

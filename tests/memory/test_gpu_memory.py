@@ -50,6 +50,7 @@ print(json.dumps({
     "pool_bytes": handler.engine.pool.nbytes(),
     "dtype_bytes": handler.loaded.model.dtype.itemsize,
     "pool": [pool.max_slots, pool.max_len, pool.max_top_k],
+    "decode_step": json.loads(handler.describe_handle())["decode_step"],
     "capability": list(torch.cuda.get_device_capability(handler.device)),
 }))
 """
@@ -116,7 +117,8 @@ def test_plan_predicts_the_measured_total_within_10_percent(warm):
     report = warm["report"]
     workspace = WORKSPACE_MIB_HOPPER if warm["capability"][0] >= 9 else WORKSPACE_MIB_PRE_HOPPER
     plan = Plan(ModelShape.from_config(warm["shape"]), warm["dtype_bytes"], 1, slots, k, max_len,
-                context_mib=report["parts_mib"]["cuda_context"], workspace_mib=workspace)
+                context_mib=report["parts_mib"]["cuda_context"], workspace_mib=workspace,
+                graphs=warm["decode_step"]["live"] == "cuda-graphs")
     predicted, measured = plan.per_worker()["total"], report["total_mib"]
     assert abs(predicted - measured) <= 0.10 * measured, (plan.per_worker(), json.dumps(report, indent=2))
 
@@ -133,3 +135,19 @@ def test_loading_reserves_about_what_it_allocates(cold):
     weights = cold["report"]["stages"]["weights"]
     assert weights["reserved"] - weights["allocated"] < 64, weights
     assert weights["allocated"] >= cold["parameter_bytes"] / MIB - 1, weights
+
+
+@needs_gpu
+def test_the_worker_serves_cuda_graphs_and_they_are_a_part(warm):
+    step = warm["decode_step"]
+    assert step["live"] == "cuda-graphs", step
+    assert warm["report"]["parts_mib"]["graphs"] > 0
+    assert warm["report"]["graph_pool_mib"]["reserved"] == step["graph_mib"]
+
+
+@needs_gpu
+def test_total_after_start_is_context_weights_pool_graphs_and_at_most_64_mib_more(warm):
+    """The issue's memory target: nothing but the named allocations, within 64 MiB."""
+    parts = warm["report"]["parts_mib"]
+    named = parts["cuda_context"] + parts["weights"] + parts["slot_pool"] + parts.get("graphs", 0.0)
+    assert warm["report"]["total_mib"] <= named + 64, json.dumps(warm["report"], indent=2)

@@ -152,6 +152,45 @@ def test_an_emptied_cache_holds_only_what_is_left(allocator):
     assert (parts["activations"], parts["allocator_cache"], parts["other"]) == (28 * M, 0, 48 * M)
 
 
+# The same start-up with the fast decode step built between the pool and the warm-up (MiB): the graphs' pool
+# reserves 60 of which 8 stay allocated (the capture stream's workspace), the stage keeps 34 more outside it
+# (the side stream's workspace, the compiled code's constants), and the driver grows 20 beyond the allocator
+# (kernel images, instantiated graphs).
+GRAPHS_NVML = NVML_LISTED[:4] + [(1054 * M, 2070 * M), (1159 * M, 2175 * M)]
+GRAPHS_ALLOCATOR = {**ALLOCATOR, "graphs": (432 * M, 492 * M, 500 * M), "warmup": (440 * M, 592 * M, 530 * M)}
+# Worked out by hand:
+#   graphs          = pool 60 + kept (432 - 390 - 8 = 34) + driver growth ((1054 - 934) - (492 - 392) = 20) = 114
+#   activations     = min(cache, peak beyond what is kept): cache = (592 - 60) - (440 - 8) = 100,
+#                     peak 530 - (390 + 8 + 34) = 98, kept since 440 - 432 = 8: min(100, 90)      =  90
+#   allocator_cache = 100 - 90                                                                       =  10
+#   other_allocated = 440 - 432                                                                      =   8
+#   other           = 1159 - (520 + 240 + 150 + 114 + 90 + 10 + 8)                                   =  27
+GRAPHS_PARTS = {"cuda_context": 520, "weights": 240, "slot_pool": 150, "graphs": 114, "activations": 90,
+                "allocator_cache": 10, "other_allocated": 8, "other": 27}
+
+
+def test_split_with_a_graphs_stage_gives_the_hand_worked_parts(allocator):
+    ledger = MemoryLedger(torch.device("cuda:0"), ScriptedNvml(GRAPHS_NVML), "Fake GPU", "999.1", 80 * 1024 * M)
+    for stage in ("start", "context", "weights", "pool", "graphs", "warmup"):
+        if stage in GRAPHS_ALLOCATOR:
+            allocator.set(*GRAPHS_ALLOCATOR[stage])
+        ledger.mark(stage, **({"graph_pool": (60 * M, 8 * M)} if stage == "graphs" else {}))
+    parts, method = split(ledger.readings, ledger.graph_pool)
+    assert method == "nvml_process"
+    assert parts.pop("driver_total") == 1159 * M
+    assert parts == {k: v * M for k, v in GRAPHS_PARTS.items()}
+    report = json.loads(json.dumps(ledger.breakdown(weights_bytes=240 * M, pool_bytes=150 * M)))
+    assert report["parts_mib"]["graphs"] == 114.0 and report["graph_pool_mib"] == {"reserved": 60.0, "allocated": 8.0}
+    assert set(report["stages"]) == set(STAGES) | {"graphs"}
+    with pytest.raises(ValueError, match="graph_pool belongs to the graphs stage"):
+        ledger.mark("pool", graph_pool=(1, 1))
+
+
+def test_without_a_graphs_stage_there_is_no_graphs_part(allocator):
+    parts, _ = split(run_startup(allocator, ScriptedNvml(NVML_LISTED)).readings)
+    assert "graphs" not in parts
+
+
 def _random_readings(seed: int) -> dict[str, Reading]:
     """Plausible readings with odd byte counts: every figure grows from stage to stage."""
     rng = random.Random(seed)
@@ -443,3 +482,18 @@ def test_measure_summary_warns_when_a_context_existed_before():
     row = measure_cuda_context.summarize({**BASE_RAW, "process_before": 300 * M, "device_used_before": 400 * M,
                                           "process_after": 522 * M, "device_used_after": 622 * M})
     assert "300.0 MiB before" in row["warning"]
+
+
+def test_with_graphs_the_step_activations_move_into_the_graphs_part():
+    from handler.memory.plan import prefill_activation_bytes, step_activation_bytes
+
+    shape = plan_memory.SHAPES["110m"]
+    eager = Plan(shape, 2, 1, 8, 16, 512, 520.0).per_worker()
+    graphs = Plan(shape, 2, 1, 8, 16, 512, 520.0, graphs=True).per_worker()
+    pool = PoolShape(8, 512, 16)
+    assert "graphs" not in eager
+    assert graphs["activations"] == round(prefill_activation_bytes(shape, pool, 2, 256) / M, 1)
+    assert graphs["graphs"] == round(step_activation_bytes(shape, pool, 2) / M + graphs["workspaces"], 1)
+    assert eager["activations"] == round(activation_bytes(shape, pool, 2, 256) / M, 1)
+    # a worker with graphs holds the prefill's activations in the cache and the step's in the graphs' pool
+    assert graphs["total"] > eager["total"]
