@@ -13,7 +13,7 @@ import pytest
 
 from gpt2ops.local_server import model_config
 from handler.engine import Request
-from handler.engine.params import GenerationParams
+from handler.serving.fields import params_from_request
 from handler.engine.scheduler import Engine
 from handler.gpt2_handler import ContrastiveGPT2Handler
 from tests.engine.test_compiled import SHAPE, fake
@@ -38,8 +38,8 @@ def ask(h, bodies) -> tuple[list[int], list[dict]]:
 
 
 def eager_tokens(h, prompt: str, **fields) -> list[int]:
-    params = GenerationParams.from_request(fields, defaults=h.settings.defaults, limits=h.settings.limits,
-                                           vocab_size=h.loaded.model.vocab_size)
+    params = params_from_request(fields, defaults=h.settings.defaults, limits=h.settings.limits,
+                                 vocab_size=h.loaded.model.vocab_size)
     engine = Engine(h.loaded.model, h.engine.shape)
     gen = engine.generate([Request("x", h.loaded.tokenizer.encode(prompt), params, h.loaded.eos_ids)])[0]
     return gen.tokens
