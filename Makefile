@@ -1,6 +1,7 @@
 # make run   save the tiny model, archive it, start TorchServe, register, ask "你是谁?" (server keeps running)
 # make stop  stop that server
 # make test  the whole test suite (what CI runs)
+# make quality  repetition and diversity of each decoding mode on the tiny model (benchmarks/quality.py)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,7 +14,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: run stop test venv model archive serve register query bench bench-hf clean
+.PHONY: run stop test venv model archive serve register query bench bench-hf quality clean
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +24,8 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 
 venv: $(BIN)/.installed
 
-$(MODEL_DIR)/model.safetensors: | venv
+# the tiny model is trained on the corpus (about 25 s): again when the corpus or the training code changes
+$(MODEL_DIR)/model.safetensors: data/corpus.txt gpt2ops/tiny_model.py | venv
 	$(BIN)/python scripts/save_model.py --tiny --out $(MODEL_DIR)
 
 model: $(MODEL_DIR)/model.safetensors
@@ -57,6 +59,9 @@ test: venv
 bench: venv
 	$(BIN)/python -m benchmarks.decode
 	$(BIN)/python -m benchmarks.load
+
+quality: model
+	$(BIN)/python -m benchmarks.quality --model-dir $(MODEL_DIR)
 
 # transformers 4.55.4, the last release with contrastive search in its core, as the baseline
 .venv-hf/bin/.installed:

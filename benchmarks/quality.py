@@ -98,8 +98,13 @@ MODES = (
         for k in (4, 8)
         for alpha in (0.4, 0.6, 0.8)
     ),
-    Mode("contrastive sampling a=0.6 k=4", GenerationParams(
-        decoding="contrastive", penalty_alpha=0.6, top_k=4, do_sample=True, temperature=1.0)),
+    # The temperature divides contrastive *scores* (differences of a few tenths), not logits: at the
+    # default T=1 the draw among the k candidates is close to uniform.
+    *(
+        Mode(f"contrastive sampling a=0.6 k=4 T={t:g}", GenerationParams(
+            decoding="contrastive", penalty_alpha=0.6, top_k=4, do_sample=True, temperature=t))
+        for t in (1.0, 0.1)
+    ),
 )
 
 
@@ -158,6 +163,34 @@ def coherence(hf_model, prompt_ids: Sequence[int], tokens: Sequence[int]) -> flo
     targets = ids[0, 1:]
     picked = logp.gather(1, targets[:, None])[:, 0]
     return picked[len(prompt_ids) - 1:].mean().item()
+
+
+@torch.inference_mode()
+def model_diagnostics(hf_model, model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, k: int = 4) -> dict:
+    """What contrastive search works with, measured along each prompt's greedy continuation.
+
+    - self_similarity: mean cosine between the final hidden states of two different positions of
+      a text (Su and Collier 2022's measure of isotropy: near 0 is isotropic, near 1 is not; the
+      degeneration penalty needs it low).
+    - top1_median: median probability of the most likely token, step by step.
+    - others_mean: mean probability of candidates 2..k, the ones contrastive search may choose instead.
+    """
+    sims, top1, others = [], [], []
+    params = GenerationParams(decoding="greedy", max_new_tokens=max_new_tokens)
+    for ids in prompt_ids:
+        seq = list(ids) + generate_tokens(model, ids, params, (), seed=0)
+        out = hf_model(input_ids=torch.tensor([seq]), output_hidden_states=True)
+        h = torch.nn.functional.normalize(out.hidden_states[-1][0].float(), dim=-1)  # [n, d]
+        n = len(seq)
+        sims.append(((h @ h.T).sum() - n) / (n * (n - 1)))
+        top = out.logits[0, len(ids) - 1:-1].float().softmax(-1).topk(k, dim=-1).values  # [steps, k]
+        top1.append(top[:, 0])
+        others.append(top[:, 1:])
+    return {
+        "self_similarity": torch.stack(sims).mean().item(),
+        "top1_median": torch.cat(top1).median().item(),
+        "others_mean": torch.cat(others).mean().item(),
+    }
 
 
 def corpus_ngrams(tokenizer, corpus: Path, n: int = 4) -> set:
@@ -295,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results = run(hf_model, model, tokenizer, prompts=prompts, modes=modes, max_new_tokens=args.max_new_tokens,
                   stop_at_eos=args.stop_at_eos, corpus_grams=grams)
+    diag = model_diagnostics(hf_model, model, [tokenizer.encode(p) for p in prompts], args.max_new_tokens)
     config = hf_model.config
     header = [
         f"Decoding quality (Su et al. 2022 metrics) on {machine()}",
@@ -306,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         "rep-n: % repeated token n-grams (lower: less repetition); diversity: prod(1 - rep-n/100); "
         "coherence: mean log p of the text under the model itself; corpus: % of token 4-grams found in the "
         "training corpus; len: mean tokens before the first end-of-text",
+        f"along greedy text: hidden-state self-similarity {diag['self_similarity']:.2f} (isotropy: near 0 is "
+        f"isotropic), top token's median p {diag['top1_median']:.2f}, candidates 2-4 mean p "
+        f"{diag['others_mean']:.3f}",
     ]
     print(format_table(results, tokenizer, header=header, sample_prompt=prompts[0], sample_index=0,
                        sample_chars=args.sample_chars))
