@@ -304,11 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N prompts of the set")
     parser.add_argument("--modes", nargs="*", help="only the modes whose name starts with one of these")
     parser.add_argument("--stop-at-eos", action="store_true", help="stop each generation at end-of-text")
+    parser.add_argument("--sample", type=int, default=0, help="index of the prompt whose texts are shown")
     parser.add_argument("--sample-chars", type=int, default=160, help="cut sample texts at this many characters")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest for the tiny model)")
     args = parser.parse_args(argv)
     if not 1 <= args.prompts <= len(PROMPTS):
         parser.error(f"--prompts must be in 1..{len(PROMPTS)}")
+    if not 0 <= args.sample < args.prompts:
+        parser.error(f"--sample must be in 0..{args.prompts - 1}")
     modes = [m for m in MODES if not args.modes or any(m.name.startswith(p) for p in args.modes)]
     if not modes:
         parser.error(f"no mode matches {args.modes}; modes: {[m.name for m in MODES]}")
@@ -344,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         f"isotropic), top token's median p {diag['top1_median']:.2f}, candidates 2-4 mean p "
         f"{diag['others_mean']:.3f}",
     ]
-    print(format_table(results, tokenizer, header=header, sample_prompt=prompts[0], sample_index=0,
-                       sample_chars=args.sample_chars))
+    print(format_table(results, tokenizer, header=header, sample_prompt=prompts[args.sample],
+                       sample_index=args.sample, sample_chars=args.sample_chars))
     return 0
 
 
