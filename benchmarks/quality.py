@@ -55,7 +55,6 @@ from typing import Sequence
 import torch
 
 from gpt2ops import REPO
-from handler.engine.decoding import RowRequest, generate
 from handler.engine.params import GenerationParams
 
 DEFAULT_MODEL_DIR = REPO / "artifacts" / "models" / "tiny-gpt2"
@@ -111,6 +110,8 @@ MODES = (
 def generate_tokens(model, prompt_ids: Sequence[int], params: GenerationParams, eos_ids: tuple[int, ...],
                     seed: int) -> list[int]:
     """The new tokens of one prompt: the only call into the decoding engine (port this one when its API moves)."""
+    from handler.engine.decoding import RowRequest, generate
+
     [result] = generate(model, [RowRequest(list(prompt_ids), params, tuple(eos_ids), seed)])
     return result.tokens
 
@@ -135,7 +136,7 @@ def rep_n(sequences: Sequence[Sequence], n: int) -> float:
 
 
 def diversity(sequences: Sequence[Sequence]) -> float:
-    """prod over n = 2, 3, 4 of (1 - rep-n / 100): 1 without any repeated n-gram, 0 for a single token repeated."""
+    """prod over n = 2, 3, 4 of (1 - rep-n / 100): 1 without a repeated n-gram, near 0 for one token over and over."""
     return math.prod(1.0 - rep_n(sequences, n) / 100.0 for n in (2, 3, 4))
 
 
@@ -214,7 +215,6 @@ class ModeResult:
     coherence: float
     corpus: float
     length: float
-    seconds: float
 
 
 def run(hf_model, model, tokenizer, *, prompts: Sequence[str] = PROMPTS, modes: Sequence[Mode] = MODES,
@@ -225,10 +225,8 @@ def run(hf_model, model, tokenizer, *, prompts: Sequence[str] = PROMPTS, modes: 
     results = []
     for mode in modes:
         params = replace(mode.params, max_new_tokens=max_new_tokens)
-        start = time.perf_counter()
         gens = [generate_tokens(model, ids, params, eos if stop_at_eos else (), seed=1000 + i)
                 for i, ids in enumerate(prompt_ids)]
-        seconds = time.perf_counter() - start
         results.append(ModeResult(
             mode=mode,
             generations=gens,
@@ -237,7 +235,6 @@ def run(hf_model, model, tokenizer, *, prompts: Sequence[str] = PROMPTS, modes: 
             coherence=sum(coherence(hf_model, p, g) for p, g in zip(prompt_ids, gens)) / len(gens),
             corpus=in_corpus(gens, corpus_grams) if corpus_grams is not None else float("nan"),
             length=sum(length_to_eos(g, eos) for g in gens) / len(gens),
-            seconds=seconds,
         ))
     return results
 
