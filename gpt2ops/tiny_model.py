@@ -36,9 +36,10 @@ TINY_DEFAULTS = {
     "vocab_size": 2048,  # at most: the BPE stops earlier on a small corpus (about 1,700 tokens on ours)
     "n_positions": 512,
     "n_embd": 192,
-    # Two layers: on this budget they learn the corpus far faster than four (measured: 4 layers had
-    # not left the noise after twice the steps), and contrastive search needs a model whose next-token
-    # ranking is sharp, or its penalty on tokens already in the prompt wins over fluency.
+    # Two layers: on this budget they learn the corpus far faster than four (measured: after 330 steps
+    # of 8 x 64 tokens, 4 layers of d=128 were at loss 1.3 with broken answers; these reach 0.2 in 400).
+    # It has to learn the corpus well: while its next-token ranking is soft, contrastive search's
+    # penalty on tokens already in the prompt (是 in 你是谁?) beats fluency and the answer falls apart.
     "n_layer": 2,
     "n_head": 4,
     # no dropout: the model is meant to learn its small corpus within a few hundred steps
