@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 
@@ -21,6 +22,9 @@ def readability_problems(text: str, min_letters: float = 0.75) -> list[str]:
     controls = sorted({hex(ord(c)) for c in text if unicodedata.category(c) in ("Cc", "Cf", "Co", "Cn")})
     if controls:
         problems.append(f"control or unassigned characters {controls}")
+    run = re.search(r"(.)\1{3,}", text)
+    if run:
+        problems.append(f"{run.group(1)!r} {len(run.group(0))} times in a row")
     if letter_share(text) < min_letters:
         problems.append(f"only {letter_share(text):.0%} letters")
     return problems

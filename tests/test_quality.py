@@ -60,6 +60,7 @@ def test_readability_rules():
     assert readability_problems("abc\ufffddef")
     assert readability_problems("abc\x07def")
     assert readability_problems("。，!? 1 2 3 ...")  # no words
+    assert readability_problems("你好DDDDDDDD")  # a loop
     assert letter_share("ab 12") == 0.5
 
 
@@ -119,11 +120,9 @@ def test_benchmark_cli_prints_the_table(tiny_model_dir, capsys):
 # ---- readable answers ----
 
 
-def answer(loaded, prompt: str, params: GenerationParams) -> str:
-    hf_model, model, tokenizer = loaded
-    eos = (tokenizer.eos_token_id,)
-    tokens = quality.generate_tokens(model, tokenizer.encode(prompt), params, eos, seed=0)
-    return tokenizer.decode(tokens, skip_special_tokens=True)
+@pytest.fixture(scope="module")
+def corpus_grams(loaded):
+    return quality.corpus_ngrams(loaded[2], quality.DEFAULT_CORPUS)
 
 
 @pytest.mark.parametrize("prompt,params", [
@@ -132,7 +131,11 @@ def answer(loaded, prompt: str, params: GenerationParams) -> str:
     ("Who are you?", GenerationParams(decoding="greedy", max_new_tokens=32)),
     ("Who are you?", GenerationParams()),
 ])
-def test_tiny_model_answers_are_readable(loaded, prompt, params):
-    text = answer(loaded, prompt, params)
+def test_tiny_model_answers_are_readable(loaded, corpus_grams, prompt, params):
+    hf_model, model, tokenizer = loaded
+    tokens = quality.generate_tokens(model, tokenizer.encode(prompt), params, (tokenizer.eos_token_id,), seed=0)
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
     assert readability_problems(text) == [], text
     assert len(text.strip()) >= 8, text
+    # text of the corpus' kind: most of its token 4-grams occur in the corpus (random weights: none do)
+    assert in_corpus([tokenizer.encode(prompt) + tokens], corpus_grams) >= 50.0, text
