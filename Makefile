@@ -8,6 +8,7 @@
 # make gpu-report  (a machine with an NVIDIA GPU, PyTorch and transformers; no TorchServe, no network) installs
 #            .whl/ into throwaway folders, runs the GPU tests, memory, speed and the self-check, and writes
 #            gpu-report.md and gpu-report.json within 8 minutes; exit 1 when a check fails, 2 without CUDA
+# make quality  repetition and diversity of each decoding mode on the tiny model (benchmarks/quality.py)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -22,7 +23,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: run stop test venv model archive serve register query bench bench-hf clean system-packages gpu-wheels gpu-report
+.PHONY: run stop test venv model archive serve register query bench bench-hf quality clean system-packages gpu-wheels gpu-report
 
 $(BIN)/.installed: requirements.txt requirements-k8s-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +43,8 @@ system-packages:
 
 venv: $(BIN)/.installed system-packages
 
-$(MODEL_DIR)/model.safetensors: | venv
+# the tiny model is trained on the corpus (about 25 s): again when the corpus or the training code changes
+$(MODEL_DIR)/model.safetensors: data/corpus.txt gpt2ops/tiny_model.py | venv
 	$(BIN)/python scripts/save_model.py --tiny --out $(MODEL_DIR)
 
 model: $(MODEL_DIR)/model.safetensors
@@ -77,6 +79,9 @@ test: venv
 bench: venv
 	$(BIN)/python -m benchmarks.decode
 	$(BIN)/python -m benchmarks.load
+
+quality: model
+	$(BIN)/python -m benchmarks.quality --model-dir $(MODEL_DIR)
 
 # transformers 4.55.4, the last release with contrastive search in its core, as the baseline
 .venv-hf/bin/.installed:

@@ -7,9 +7,10 @@
 `--model` takes a Hugging Face Hub name (needs the network, or the model in the local Hugging Face
 cache) or a local folder. Where the Hub cannot be reached (checked first, in a few seconds), it says
 so in one line: save the model on a machine with network and copy the folder, or pass a local folder.
-`--tiny` needs no network: a small GPT-2 with random weights from a `GPT2Config`
-and a byte-level BPE tokenizer trained with `tokenizers` on `data/corpus.txt`,
-both deterministic from `--seed`.
+`--tiny` needs no network: a byte-level BPE tokenizer trained with `tokenizers` on
+`data/corpus.txt` and a small GPT-2 (`GPT2Config`, 2 layers) trained on the same
+corpus for a fixed number of steps on one CPU core (about 25 s), both
+deterministic from `--seed` (gpt2ops.tiny_model).
 """
 
 from __future__ import annotations
@@ -112,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--tiny", action="store_true", help="build the small local GPT-2 (no network)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    parser.add_argument("--seed", type=int, default=TINY_DEFAULTS["seed"], help="--tiny: seed of weights")
-    parser.add_argument("--corpus", type=Path, default=REPO / "data" / "corpus.txt", help="--tiny: tokenizer corpus")
+    parser.add_argument("--seed", type=int, default=TINY_DEFAULTS["seed"], help="--tiny: seed of the initial weights and of the training's data order")
+    parser.add_argument("--corpus", type=Path, default=REPO / "data" / "corpus.txt", help="--tiny: corpus of the tokenizer and the training")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 

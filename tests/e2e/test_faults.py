@@ -122,7 +122,8 @@ def test_full_queue_rejects_only_the_overflow(tmp_path, model_store, tiny_model_
         assert set(codes) == {200, 503}, codes
         assert all("queue" in r.text.lower() or "worker" in r.text.lower() for r in responses
                    if r.status_code == 503)
-        assert srv.client.generate(MODEL, "after the burst", max_new_tokens=5)["completion_tokens"] == 5
+        after = srv.client.generate(MODEL, "after the burst", max_new_tokens=5)
+        assert after["completion_tokens"] == 5 or after["finish_reason"] == "eos", after
         print(f"\nqueue of 2: {codes.count(200)} served, {codes.count(503)} rejected with 503")
     finally:
         srv.stop()

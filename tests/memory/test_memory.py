@@ -21,6 +21,7 @@ from handler.memory.ledger import MIB, STAGES, MemoryLedger, Reading, split
 from handler.engine.pool import PoolShape
 from handler.memory.plan import ModelShape, Plan, activation_bytes, pool_parts
 from gpt2ops import measure_cuda_context, plan_memory
+from gpt2ops.tiny_model import TINY_DEFAULTS
 
 M = MIB
 
@@ -400,7 +401,7 @@ def test_plan_cli_on_the_tiny_model_dir(capsys, tiny_model_dir):
     assert plan_memory.main(["--model-dir", str(tiny_model_dir), "--workers", "4", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     config = json.loads((tiny_model_dir / "config.json").read_text())
-    assert report["shape"]["n_layer"] == config["n_layer"] == 4
+    assert report["shape"]["n_layer"] == config["n_layer"] == TINY_DEFAULTS["n_layer"]
     assert report["shape"]["vocab_size"] == config["vocab_size"]
     assert report["parameters"] == transformers_parameter_count(
         **{k: config[k] for k in ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions")})

@@ -1,15 +1,16 @@
-"""Start-up checks of the handler's settings, and the tiny model's determinism."""
+"""Start-up checks of the handler's settings, and the tiny model's determinism and shape."""
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import pytest
 import torch
 import yaml
 
 from handler.serving.settings import HandlerSettings
-from gpt2ops.tiny_model import TINY_DEFAULTS, build_tiny_model
+from gpt2ops.tiny_model import TINY_DEFAULTS, TRAINING, build_tiny_model
 from gpt2ops.local_server import REPO
 
 
@@ -44,13 +45,29 @@ def digest(folder) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-def test_tiny_model_is_deterministic_and_shaped_like_gpt2(tmp_path, tiny_model_dir):
-    again = tmp_path / "again"
-    build_tiny_model(again, corpus=REPO / "data" / "corpus.txt", seed=TINY_DEFAULTS["seed"])
-    assert digest(again) == digest(tiny_model_dir)
-    other = tmp_path / "other"
-    build_tiny_model(other, corpus=REPO / "data" / "corpus.txt", seed=TINY_DEFAULTS["seed"] + 1)
-    assert digest(other)["model.safetensors"] != digest(tiny_model_dir)["model.safetensors"]
+# The whole training path (tokenizer, data order, initial weights, AdamW, learning-rate schedule, export)
+# on a few steps: a run of the shipped plan takes ~25 s, and the session's model is one already. Saved in
+# float32, where a difference in the last bit of a sum still shows (fp16 rounding could hide it).
+SHORT = replace(TRAINING, steps=12, warmup=4)
+
+
+def test_tiny_model_training_is_deterministic(tmp_path):
+    corpus = REPO / "data" / "corpus.txt"
+    seed = TINY_DEFAULTS["seed"]
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    build_tiny_model(tmp_path / "a", corpus=corpus, seed=seed, plan=SHORT, dtype_name="float32")
+    build_tiny_model(tmp_path / "b", corpus=corpus, seed=seed, plan=SHORT, dtype_name="float32")
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    build_tiny_model(tmp_path / "other-seed", corpus=corpus, seed=seed + 1, plan=SHORT, dtype_name="float32")
+    assert digest(tmp_path / "other-seed")["model.safetensors"] != digest(tmp_path / "a")["model.safetensors"]
+    build_tiny_model(tmp_path / "untrained", corpus=corpus, seed=seed, plan=replace(SHORT, steps=0),
+                     dtype_name="float32")
+    assert digest(tmp_path / "untrained")["model.safetensors"] != digest(tmp_path / "a")["model.safetensors"]
+    # training leaves torch's settings as it found them
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)
+
+
+def test_tiny_model_is_shaped_like_gpt2(tiny_model_dir):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(tiny_model_dir)
