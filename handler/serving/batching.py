@@ -139,11 +139,11 @@ class Batching:
     def _drop(self, request_id: str) -> None:
         """End this request's generation, if it has one, and forget it: its slot and record are free."""
         self.jobs.pop(request_id, None)
-        try:
-            self.engine.cancel(request_id)
-            self.engine.forget(request_id)
-        except Exception:  # noqa: BLE001 - a fault here must not fail the requests beside this one
-            logger.exception("dropping request %s failed", request_id)
+        for step in (self.engine.cancel, self.engine.forget):
+            try:
+                step(request_id)
+            except Exception:  # noqa: BLE001 - a fault here must not fail the requests beside this one
+                logger.exception("dropping request %s: %s failed", request_id, step.__name__)
 
     # ---- 2. decoding ----
 
@@ -220,7 +220,7 @@ class Batching:
         """Answer `job` with `error` and close it; its generation, if any, ends."""
         self._drop(job.request_id)
         if job.opened:  # the status line went out with the first chunk: the error ends the body
-            return error.to_json() + "\n", True
+            return error.to_json() + ("\n" if job.stream else ""), True
         context.set_response_content_type(index, responses.JSON_CONTENT_TYPE)
         _set_status(context, index, error.status, error.reason)
         return error.to_json(), None
