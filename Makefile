@@ -3,6 +3,8 @@
 #            (same keys, other registered models stay) and replaces $(MODEL_NAME) with the archive just built.
 # make stop  stop that server; returns once its processes are gone
 # make test  the whole test suite (what CI runs)
+# make soak  20,000 mixed requests (hang-ups and bad ones included) against a fresh server, the worker's memory
+#            and open files sampled (benchmarks/soak.py; CI runs 3,000 in tests/e2e/test_soak.py)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -17,7 +19,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: run stop test venv model archive serve register query bench bench-hf clean system-packages
+.PHONY: run stop test venv model archive serve register query bench bench-hf soak clean system-packages
 
 $(BIN)/.installed: requirements.txt requirements-k8s-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +74,9 @@ test: venv
 bench: venv
 	$(BIN)/python -m benchmarks.decode
 	$(BIN)/python -m benchmarks.load
+
+soak: venv
+	$(BIN)/python -m benchmarks.soak
 
 # transformers 4.55.4, the last release with contrastive search in its core, as the baseline
 .venv-hf/bin/.installed:

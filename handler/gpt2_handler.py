@@ -130,7 +130,9 @@ class ContrastiveGPT2Handler(BaseHandler):
                      "candidate_positions": pool.candidates,
                      "decode_shapes": self.settings.pool.decode_shapes},
             "load": {"slots_in_use": stats.slots_in_use, "requests_waiting": stats.waiting,
-                     "generated_tokens": stats.generated_tokens, "steps": stats.steps},
+                     "generated_tokens": stats.generated_tokens, "steps": stats.steps,
+                     # what the worker still holds for requests: engine records, jobs TorchServe keeps open
+                     "requests_tracked": self.engine.tracked, "jobs_open": len(self.batching.jobs)},
             "step_ms_at_full_pool": None if self.admission.step_ms is None else round(self.admission.step_ms, 2),
             "max_new_tokens_within_timeout": self.admission.max_new_tokens_in_time or self.settings.limits.max_new_tokens,
             "limits": self.settings.limits.__dict__,
