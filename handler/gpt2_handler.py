@@ -21,6 +21,7 @@ for a batch of several is a 503 for all of them. Here a failure is one
 request's (see `serving.batching`), and if a call fails as a whole each of its
 requests gets its own error (`Batching.fail_all`) rather than TorchServe's
 message-level error, which under continuous batching fails every open job.
+(The base handler's profiler hook, ENABLE_TORCH_PROFILER, is not offered.)
 """
 
 from __future__ import annotations
@@ -96,7 +97,10 @@ class ContrastiveGPT2Handler(BaseHandler):
         except Exception as err:  # noqa: BLE001 - the last resort: each request gets its own error
             logger.exception("a call of %d requests failed as a whole", len(data))
             out = self.batching.fail_all(len(data), context, err)
-        context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
+        try:
+            context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
+        except Exception:  # noqa: BLE001 - metrics must never cost a request its answer
+            logger.exception("recording HandlerTime failed")
         return out
 
     def preprocess(self, data):

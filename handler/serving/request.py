@@ -49,7 +49,12 @@ def header(headers: Mapping[str, Any], name: str) -> str:
 def content_length(headers: Mapping[str, Any]) -> int | None:
     """The Content-Length header as a number of bytes, or None when absent or not a plain decimal number."""
     value = header(headers, "Content-Length").strip()
-    return int(value) if value.isascii() and value.isdigit() else None  # "²".isdigit() is true, int("²") fails
+    if not (value.isascii() and value.isdigit()):  # "²".isdigit() is true, and int("²") fails
+        return None
+    try:
+        return int(value)
+    except ValueError:  # more digits than Python converts (4300): no body is that long
+        return None
 
 
 def read_request(entry: Mapping[str, Any], headers: Mapping[str, Any], max_body_bytes: int) -> RawRequest:
@@ -102,7 +107,8 @@ def _check_text(name: str, value: Any) -> None:
         if isinstance(item, str):
             where = _unpaired_surrogate(item)
             if where:
-                raise RequestError(name, f"{name} holds an unpaired UTF-16 surrogate ({where}), which is not "
+                shown = ascii(name) if _unpaired_surrogate(name) else name
+                raise RequestError(name, f"{shown} holds an unpaired UTF-16 surrogate ({where}), which is not "
                                    "Unicode text: send whole characters (a surrogate pair, or the character "
                                    "itself in UTF-8)")
         elif isinstance(item, dict):

@@ -231,6 +231,8 @@ FOUND = [
     # id, entry, headers, status, field, words
     ("content-length-not-ascii-digits", {"body": {"prompt": "hi", "top_k": 1}}, {"Content-Length": "²"}, 400,
      "top_k", "top_k must be >= 2"),  # "²".isdigit() but int("²") raised ValueError: a 500
+    ("content-length-past-the-parsers-limit", {"body": {"prompt": "hi", "top_k": 1}},
+     {"Content-Length": "9" * 5000}, 400, "top_k", "top_k must be >= 2"),  # int() raised ValueError: a 500
     ("integer-past-the-parsers-limit", {"body": DIGITS_5000}, JSON_HEADERS, 400, "body", "number too long"),
     ("nested-past-the-recursion-limit", {"body": b'{"prompt": "hi", "stop": ' + b"[" * 5000 + b"]" * 5000 + b"}"},
      JSON_HEADERS, 400, "body", "nested too deeply"),
