@@ -9,6 +9,8 @@
 #            .whl/ into throwaway folders, runs the GPU tests, memory, speed and the self-check, and writes
 #            gpu-report.md and gpu-report.json within 8 minutes; exit 1 when a check fails, 2 without CUDA
 # make quality  repetition and diversity of each decoding mode on the tiny model (benchmarks/quality.py)
+# make soak  20,000 mixed requests (hang-ups and bad ones included) against a fresh server, the worker's memory
+#            and open files sampled (benchmarks/soak.py; CI runs 3,000 in tests/e2e/test_soak.py)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -23,7 +25,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: run stop test venv model archive serve register query bench bench-hf quality clean system-packages gpu-wheels gpu-report
+.PHONY: run stop test venv model archive serve register query bench bench-hf quality soak clean system-packages gpu-wheels gpu-report
 
 $(BIN)/.installed: requirements.txt requirements-k8s-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +84,9 @@ bench: venv
 
 quality: model
 	$(BIN)/python -m benchmarks.quality --model-dir $(MODEL_DIR)
+
+soak: venv
+	$(BIN)/python -m benchmarks.soak
 
 # transformers 4.55.4, the last release with contrastive search in its core, as the baseline
 .venv-hf/bin/.installed:

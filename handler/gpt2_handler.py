@@ -16,12 +16,23 @@ TorchServe's hooks to the engine in `handler.engine` and the serving pieces in
 - the routes under `/predictions/<model>/<version>/`: `describe`, and the
   OpenAI-compatible API under `v1/` (`serving.openai_api`);
 - `describe_handle`: the memory breakdown, the decode step that serves, the pool and the engine's load.
+
+`handle` is this handler's own: every request of a call gets its own answer.
+TorchServe's base handler would answer the whole call with `describe_handle`
+(or an explanation) when the *first request* carries the header
+`describe: True` (or `explain: True`), which any client can send: one answer
+for a batch of several is a 503 for all of them. Here a failure is one
+request's (see `serving.batching`), and if a call fails as a whole each of its
+requests gets its own error (`Batching.fail_all`) rather than TorchServe's
+message-level error, which under continuous batching fails every open job.
+(The base handler's profiler hook, ENABLE_TORCH_PROFILER, is not offered.)
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 
 from ts.torch_handler.base_handler import BaseHandler
 
@@ -87,6 +98,21 @@ class ContrastiveGPT2Handler(BaseHandler):
                                  iteration_s=settings.iteration_ms / 1000)
         self.initialized = True
 
+    def handle(self, data, context):
+        """One call of TorchServe: a list of answers as long as `data`, whatever happens (module docstring)."""
+        start = time.time()
+        self.context = context
+        try:
+            out = self.postprocess(self.inference(self.preprocess(data)))
+        except Exception as err:  # noqa: BLE001 - the last resort: each request gets its own error
+            logger.exception("a call of %d requests failed as a whole", len(data))
+            out = self.batching.fail_all(len(data), context, err)
+        try:
+            context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
+        except Exception:  # noqa: BLE001 - metrics must never cost a request its answer
+            logger.exception("recording HandlerTime failed")
+        return out
+
     def preprocess(self, data):
         return self.batching.receive(data, self.context)
 
@@ -96,7 +122,10 @@ class ContrastiveGPT2Handler(BaseHandler):
 
     def postprocess(self, jobs):
         out = self.batching.respond(jobs, self.context)
-        self.metrics.publish(self.context, self.engine.stats())
+        try:
+            self.metrics.publish(self.context, self.engine.stats())
+        except Exception:  # noqa: BLE001 - metrics must never cost a request its answer
+            logger.exception("publishing the engine's metrics failed")
         return out
 
     def describe_handle(self):
@@ -117,7 +146,9 @@ class ContrastiveGPT2Handler(BaseHandler):
                      "candidate_positions": pool.candidates,
                      "decode_shapes": self.settings.pool.decode_shapes},
             "load": {"slots_in_use": stats.slots_in_use, "requests_waiting": stats.waiting,
-                     "generated_tokens": stats.generated_tokens, "steps": stats.steps},
+                     "generated_tokens": stats.generated_tokens, "steps": stats.steps,
+                     # what the worker still holds for requests: engine records, jobs TorchServe keeps open
+                     "requests_tracked": self.engine.tracked, "jobs_open": len(self.batching.jobs)},
             "step_ms_at_full_pool": None if self.admission.step_ms is None else round(self.admission.step_ms, 2),
             "max_new_tokens_within_timeout": self.admission.max_new_tokens_in_time or self.settings.limits.max_new_tokens,
             "limits": self.settings.limits.__dict__,

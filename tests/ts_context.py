@@ -15,6 +15,7 @@ from pathlib import Path
 import ts
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+from ts.protocol.otf_message_handler import create_predict_response
 
 METRICS_YAML = Path(ts.__file__).parent / "configs" / "metrics.yaml"
 
@@ -63,6 +64,10 @@ class Frontend:
     jobs; every call carries the open jobs (headers only, no body: "cached in backend") and new ones; an
     answer whose `ts_stream_next` is "true" keeps its job open and is one chunk of its body, anything else
     closes it; a job whose client went away is simply not sent again.
+
+    Every answer goes through TorchServe's own `create_predict_response`, as in the worker: it encodes the
+    answers (UTF-8), content types, statuses and headers and applies the handler's stopping criteria; what
+    raises there would kill a real worker, and raises here.
     """
 
     def __init__(self, handler, context: Context):
@@ -70,42 +75,49 @@ class Frontend:
         self.continuous = bool(context.model_yaml_config.get("continuousBatching"))
         self.batch_size = context.model_yaml_config.get("batchSize", 1)
         self.calls = 0
+        self.served = 0  # requests sent so far: each gets a request id of its own, as TorchServe's are unique
 
     def serve(self, bodies: list, headers: list[dict] | None = None, *, drop: dict[int, int] | None = None,
-              max_calls: int = 10_000) -> tuple[list[int], list[str], list[list[str]]]:
+              max_calls: int = 10_000, entries: bool = False) -> tuple[list[int], list[str], list[list[str]]]:
         """Send `bodies` (one request each); returns (statuses, full bodies, chunks per request).
 
         Run to completion: the chunks streamed as intermediate responses are on `context.cl_socket`.
 
         drop: {request index: after how many chunks its client goes away} (continuous batching only).
+        entries: each body is the whole batch entry as the worker decoded it (`{"body": ...}` or form
+        fields), rather than the value of "body".
         """
         headers = headers or [{"Content-Type": "application/json"}] * len(bodies)
+        ids = [f"request-{self.served + i}" for i in range(len(bodies))]
+        self.served += len(bodies)
         pending = list(range(len(bodies)))
         open_jobs: list[int] = []
         statuses: list[int | None] = [None] * len(bodies)
         chunks: list[list[str]] = [[] for _ in bodies]
         drop = drop or {}
+        calls = 0
         while pending or open_jobs:
             self.calls += 1
-            assert self.calls <= max_calls, "the handler never finished these requests"
+            calls += 1
+            assert calls <= max_calls, "the handler never finished these requests"
             room = self.batch_size - len(open_jobs) if self.continuous else self.batch_size
             new, pending = pending[:room], pending[room:]
             batch = open_jobs + new
             start_batch(self.context, [headers[i] for i in batch])
-            self.context.request_ids = {n: f"request-{i}" for n, i in enumerate(batch)}
-            self.context.stopping_criteria = None  # the handler sets it on every call that keeps jobs open
-            data = [{} if i in open_jobs else {"body": bodies[i]} for i in batch]
+            self.context.request_ids = {n: ids[i] for n, i in enumerate(batch)}
+            # context.stopping_criteria is not reset between calls: in the worker it lives as long as the context
+            data = [{} if i in open_jobs else bodies[i] if entries else {"body": bodies[i]} for i in batch]
             out = self.handler.handle(data, self.context)
             assert isinstance(out, list) and len(out) == len(batch)
-            criteria = getattr(self.context, "stopping_criteria", None) if self.continuous else None
+            create_predict_response(out, self.context.request_ids, "Prediction success", 200, context=self.context)
             open_jobs = []
             for n, i in enumerate(batch):
                 text = out[n].decode() if isinstance(out[n], bytes) else out[n]
-                flag = criteria[n](out[n]) if criteria else None
+                stream_next = self.context.get_response_headers(n).get("ts_stream_next") if self.continuous else None
                 if statuses[i] is None:
                     statuses[i] = self.context.get_response_status(n)[0] or 200
                 chunks[i].append(text)
-                if flag is False:  # ts_stream_next: true
+                if stream_next == "true":
                     if i in drop and len(chunks[i]) >= drop[i]:
                         continue  # the client went away: the frontend drops the job
                     open_jobs.append(i)

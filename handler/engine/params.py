@@ -62,7 +62,11 @@ class Range:
 
 
 def fmt(x: float) -> str:
-    """A number as a message shows it: 4294967295, 0.6, 1e-05."""
+    """A number as a message shows it: 4294967295, 0.6, 1e-05; an integer exactly, however large (a float of it
+    may overflow), shortened past 24 digits."""
+    if isinstance(x, int):
+        text = str(x)
+        return text if len(text) <= 24 else f"{text[:12]}...({len(text.lstrip('-'))} digits)"
     return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 
 

@@ -204,6 +204,11 @@ class Engine:
             del self._by_id[request_id]
 
     @property
+    def tracked(self) -> int:
+        """Requests the engine holds a record of: waiting, running, or finished and not yet forgotten."""
+        return len(self._by_id)
+
+    @property
     def busy(self) -> bool:
         return bool(self.running or self.waiting)
 

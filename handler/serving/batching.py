@@ -98,11 +98,16 @@ class Job:
 
 def generation_error(gen: Generation) -> RequestError:
     """The error a client gets for a generation that failed in the engine."""
-    if is_out_of_memory(gen.error):
+    return internal_error(gen.error, "during generation")
+
+
+def internal_error(err: BaseException | None, where: str) -> RequestError:
+    """The error a client gets for a fault of this worker (507 when it was out of memory, else 500)."""
+    if is_out_of_memory(err):
         return RequestError("body", "the worker ran out of memory for this request; retry later, or ask for "
                             "fewer tokens or a smaller top_k", status=507)
-    return RequestError("body", f"internal error during generation ({type(gen.error).__name__}); see the worker "
-                        "log", status=500)
+    return RequestError("body", f"internal error {where} ({type(err).__name__}); see the worker log; "
+                        "retrying may succeed", status=500)
 
 
 class Batching:
@@ -128,13 +133,23 @@ class Batching:
         for index, (request_id, entry) in enumerate(zip(ids, data)):
             job = self.jobs.get(request_id)
             if job is None:
-                job = self._new_job(index, request_id, entry, context)
+                job = self._accept(index, request_id, entry, context)
                 new.append(job)
             jobs.append(job)
         if new:
             logger.info("batch of %d requests (%d valid) joining %d running", len(new),
                         sum(1 for j in new if j.error is None), len(jobs) - len(new))
         return jobs
+
+    def _accept(self, index: int, request_id: str, entry, context) -> Job:
+        """The guard where a request enters: whatever it holds (headers, route, body) and whatever fails
+        while it is read, routed or submitted, it becomes a job of its own, with its own error if need be."""
+        try:
+            return self._new_job(index, request_id, entry, context)
+        except Exception as err:  # noqa: BLE001 - this request fails alone, never the call
+            logger.exception("accepting request %s failed", request_id)
+            self._drop(request_id)
+            return Job(request_id, error=internal_error(err, "while accepting this request"))
 
     def _new_job(self, index: int, request_id: str, entry, context) -> Job:
         headers = _headers(context, index)
@@ -161,12 +176,21 @@ class Batching:
         return job
 
     def _cancel(self, request_id: str) -> None:
-        job = self.jobs.pop(request_id)
-        for gen in job.generations:
-            self.engine.cancel(gen.request_id)
-            self.engine.forget(gen.request_id)
+        job = self.jobs[request_id]
+        self._drop(request_id)
         logger.info("request %s: the client went away after %d tokens; its slot is free", request_id,
                     sum(len(gen.tokens) for gen in job.generations))
+
+    def _drop(self, request_id: str) -> None:
+        """End this request's generations, if it has any, and forget them: their slots and records are free."""
+        job = self.jobs.pop(request_id, None)
+        gen_ids = [gen.request_id for gen in job.generations] if job is not None else [request_id]
+        for gen_id in gen_ids:
+            for step in (self.engine.cancel, self.engine.forget):
+                try:
+                    step(gen_id)
+                except Exception:  # noqa: BLE001 - a fault here must not fail the requests beside this one
+                    logger.exception("dropping request %s: %s failed", gen_id, step.__name__)
 
     # ---- 2. decoding ----
 
@@ -190,26 +214,68 @@ class Batching:
     # ---- 3. answers ----
 
     def respond(self, jobs: list[Job], context) -> list[str]:
-        """One answer per job, in order; statuses, content types and (continuous) open/close flags set."""
+        """One answer per job, in order; statuses, content types and (continuous) open/close flags set.
+
+        The guard where an answer leaves: whatever fails while one job's answer is made (or an answer UTF-8
+        cannot carry, which TorchServe would fail to encode after the handler returned, killing the worker),
+        that job alone gets a 500 and its generation ends; the others get their answers."""
         out, stop_flags = [], []
         for index, job in enumerate(jobs):
-            if not job.done:  # continuous batching: a chunk, and the job stays open
-                context.set_response_content_type(index, _content_type(job))
-                out.append(_chunk(job) if job.stream else "")
-                job.opened = True
-                stop_flags.append(False)
-                continue
-            out.append(self._final(index, job, context))
-            context.set_response_content_type(index, _content_type(job))
-            # a job that got chunks ends its stream ("false"); one answered at once gets a plain response
-            stop_flags.append(True if job.opened else None)
-            if job.generations:
-                self.jobs.pop(job.request_id, None)
-                for gen in job.generations:
-                    self.engine.forget(gen.request_id)
+            try:
+                answer, flag = self._answer(index, job, context)
+                answer.encode("utf-8")
+            except Exception as err:  # noqa: BLE001 - this request fails alone, never the call
+                logger.exception("answering request %s failed", job.request_id)
+                answer, flag = self._fail(index, job, internal_error(err, "while answering this request"), context)
+            out.append(answer)
+            stop_flags.append(flag)
         if self.continuous:
             context.stopping_criteria = [lambda _answer, flag=flag: flag for flag in stop_flags]
         return out
+
+    def fail_all(self, count: int, context, err: BaseException) -> list[str]:
+        """The last resort when a call failed as a whole (the handler's guard): every request of it gets its
+        own error answer, its generation ends, and the call itself succeeds, so that TorchServe does not turn
+        it into an error for every job it has open."""
+        out, stop_flags = [], []
+        for index in range(count):
+            request_id = context.request_ids.get(index) if isinstance(context.request_ids, dict) else None
+            job = self.jobs.get(request_id) or Job(str(request_id))
+            answer, flag = self._fail(index, job, internal_error(err, "in this worker"), context)
+            out.append(answer)
+            stop_flags.append(flag)
+        if self.continuous:
+            context.stopping_criteria = [lambda _answer, flag=flag: flag for flag in stop_flags]
+        return out
+
+    def _answer(self, index: int, job: Job, context) -> tuple[str, bool | None]:
+        """A job's answer and its stop flag (False: the job stays open; True: a stream ends; None: plain)."""
+        context.set_response_content_type(index, _content_type(job))
+        if not job.done:  # continuous batching: a chunk, and the job stays open
+            answer = _chunk(job) if job.stream else ""
+            job.opened = True
+            return answer, False
+        answer = self._final(index, job, context)
+        context.set_response_content_type(index, _content_type(job))
+        if job.generations:
+            self.jobs.pop(job.request_id, None)
+            for gen in job.generations:
+                self.engine.forget(gen.request_id)
+        # a job that got chunks ends its stream ("false"); one answered at once gets a plain response
+        return answer, True if job.opened else None
+
+    def _fail(self, index: int, job: Job, error: RequestError, context) -> tuple[str, bool | None]:
+        """Answer `job` with `error` and close it; its generations, if any, end."""
+        self._drop(job.request_id)
+        for gen in job.generations:  # a job not (or no longer) in the table
+            self._drop(gen.request_id)
+        body = job.api.error(error, job.opened) if job.api is not None else \
+            error.to_json() + ("\n" if job.stream and job.opened else "")
+        if job.opened:  # the status line went out with the first chunk: the error ends the body
+            return body, True
+        context.set_response_content_type(index, responses.JSON_CONTENT_TYPE)
+        _set_status(context, index, error.status, error.reason)
+        return body, None
 
     def _final(self, index: int, job: Job, context) -> str:
         if job.immediate is not None:

@@ -29,15 +29,24 @@ class RequestError(ValueError):
         return HTTPStatus(self.status).phrase
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "code": self.status,
-                "type": "InvalidRequest" if self.status == 400 else self.reason.replace(" ", ""),
-                "field": self.field,
-                "message": self.message,
-            },
-            ensure_ascii=False,
-        )
+        return json_text({  # an error may echo any field name: json_text keeps it encodable
+            "code": self.status,
+            "type": "InvalidRequest" if self.status == 400 else self.reason.replace(" ", ""),
+            "field": self.field,
+            "message": self.message,
+        })
+
+
+def json_text(obj: dict) -> str:
+    """`obj` as JSON that UTF-8 can always carry: characters as they are, or, when a string holds an unpaired
+    surrogate (a field name echoed in an error), every non-ASCII character escaped. TorchServe encodes an
+    answer as UTF-8 after the handler has returned, where a failure would kill the worker."""
+    text = json.dumps(obj, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj)
+    return text
 
 
 def is_out_of_memory(err: BaseException | None) -> bool:

@@ -74,9 +74,13 @@ def read_integer(name: str, value: Any, limits: RequestLimits) -> int:
 def read_number(name: str, value: Any, limits: RequestLimits) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidParameter(name, f"{name} must be a number, got {_type_name(value)} ({_describe(value)})")
-    if not math.isfinite(value):
-        raise InvalidParameter(name, f"{name} must be a finite number, got {float(value)}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the largest float (JSON allows any number of digits)
+        raise InvalidParameter(name, f"{name} must be a finite number, got {_describe(value)}") from None
+    if not math.isfinite(number):
+        raise InvalidParameter(name, f"{name} must be a finite number, got {number}")
+    return number
 
 
 def read_boolean(name: str, value: Any, limits: RequestLimits) -> bool:

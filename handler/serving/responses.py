@@ -12,9 +12,8 @@ field of the answer above. Errors: `RequestError.to_json()`, with the status it 
 
 from __future__ import annotations
 
-import json
-
 from handler.engine.scheduler import Generation
+from handler.serving.errors import json_text
 
 JSON_CONTENT_TYPE = "application/json"
 STREAM_CONTENT_TYPE = "application/jsonl"
@@ -36,10 +35,6 @@ def answer(prompt: str, gen: Generation) -> dict:
     if params.return_token_ids:
         body["token_ids"] = list(gen.tokens)
     return body
-
-
-def json_text(obj: dict) -> str:
-    return json.dumps(obj, ensure_ascii=False)
 
 
 def stream_line(obj: dict) -> str:

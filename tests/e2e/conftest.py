@@ -15,6 +15,8 @@ VARIANTS = {
     "tiny-budget": {"pool": {"budget_mib": 1}},
     # requests must finish within 0.1% of the response timeout: long ones are refused up front
     "tiny-hurried": {"timeout_fraction": 0.001},
+    # short generations, so that the valid requests among fuzzed ones cost little (tests/e2e/test_fuzz_live.py)
+    "tiny-fuzz": {"defaults": {"max_new_tokens": 8}, "limits": {"max_new_tokens": 16}},
 }
 
 if not java_available():  # TorchServe's frontend is Java; CI machines have Java 17

@@ -121,7 +121,11 @@ def test_a_short_request_finishes_while_a_long_one_goes_on(handler):
 
 
 def test_a_client_that_goes_away_frees_its_slot(handler):
+    """The handler learns that a client went away from the next call, which no longer carries its job:
+    the job is cancelled there, before anything new is admitted (TorchServe calls the worker again only
+    while jobs are open or new ones arrive)."""
     before = handler.engine.stats()
+    hung_up = f"request-{handler.frontend.served}"
     bodies = [{"prompt": "I will hang up", "decoding": "greedy", "max_new_tokens": 90, "stream": True},
               {"prompt": "I stay", "decoding": "greedy", "max_new_tokens": 30}]
     # the client goes away after its first chunk, which comes with the first call (it ends at the first tokens):
@@ -129,10 +133,12 @@ def test_a_client_that_goes_away_frees_its_slot(handler):
     codes, answers, chunks = run(handler, bodies, drop={0: 1})
     assert codes == [200, 200] and len(chunks[0]) == 1
     assert answers[1]["completion_tokens"] == 30
+    generated = handler.engine.stats().generated_tokens - before.generated_tokens
+    codes, _, _ = run(handler, [{"prompt": "next", "decoding": "greedy", "max_new_tokens": 1}])  # the next call
     after = handler.engine.stats()
-    assert after.slots_in_use == 0 and after.waiting == 0  # the dropped request's slot is free again
-    assert after.generated_tokens - before.generated_tokens < 90 + 30  # it stopped generating
-    assert handler.engine.get("request-0") is None  # forgotten
+    assert codes == [200] and after.slots_in_use == 0 and after.waiting == 0  # its slot is free again
+    assert generated < 90 + 30  # it stopped generating
+    assert handler.engine.get(hung_up) is None and not handler.batching.jobs  # forgotten
 
 
 def test_bad_request_fails_alone_in_its_batch(handler):
