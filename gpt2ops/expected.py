@@ -44,7 +44,7 @@ class ExpectedAnswers:
         fields = {k: v for k, v in body.items() if k not in ("prompt", "return_token_ids", "stream")}
         params = params_from_request(fields, defaults=self.defaults, limits=self.limits,
                                                vocab_size=self.model.vocab_size)
-        request = Request("expected", self.tokenizer.encode(body["prompt"]), params, (self.tokenizer.eos_token_id,),
-                          params.seed or 0)
+        request = Request("expected", self.tokenizer.encode(body["prompt"]), params,
+                          params.end_ids((self.tokenizer.eos_token_id,)), params.seed or 0)
         [gen] = generate(self.model, [request], detokenize=self.detokenize)
         return Expected(list(gen.tokens), gen.text.text(), str(gen.finish_reason))

@@ -74,6 +74,7 @@ def field_values(name: str):
         "stop": st.lists(UNICODE | TEXT, max_size=6) | UNICODE | TEXT,
         "seed": st.integers(-1, 2**33) | HUGE_INT,
         "eos_token_id": st.integers(-1, 3000) | st.lists(st.integers(-1, 3000), max_size=10),
+        "ignore_eos": st.booleans(),
         "stream": st.booleans(),
         "return_token_ids": st.booleans(),
     }[name]

@@ -96,6 +96,7 @@ class GenerationParams:
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one generated
     seed: int | None = None  # the sampler's seed; None: the worker draws one and reports it
     eos_token_id: tuple[int, ...] | None = None  # end-of-text ids; None: the model's own
+    ignore_eos: bool = False  # generate max_new_tokens whatever end-of-text comes (load tests, benchmarks)
     stream: bool = False  # stream the text as newline-delimited JSON chunks
     return_token_ids: bool = False  # add the generated token ids to the answer
 
@@ -109,7 +110,7 @@ class GenerationParams:
                                    f"got {self.decoding!r}")
         _integer("max_new_tokens", self.max_new_tokens)
         RANGES["max_new_tokens"].check("max_new_tokens", self.max_new_tokens)
-        for name in ("do_sample", "stream", "return_token_ids"):
+        for name in ("do_sample", "ignore_eos", "stream", "return_token_ids"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidParameter(name, f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.decoding == "greedy" and self.do_sample:
@@ -132,6 +133,12 @@ class GenerationParams:
             if not isinstance(ids, tuple) or not 1 <= len(ids) <= MAX_EOS_IDS \
                     or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
                 raise InvalidParameter("eos_token_id", f"eos_token_id must be 1 to {MAX_EOS_IDS} token ids, got {ids!r}")
+
+    def end_ids(self, model_eos: tuple[int, ...]) -> tuple[int, ...]:
+        """The token ids that end this request: none with `ignore_eos`, else its own or the model's."""
+        if self.ignore_eos:
+            return ()
+        return self.eos_token_id if self.eos_token_id is not None else model_eos
 
     @property
     def samples(self) -> bool:

@@ -174,6 +174,9 @@ FIELDS = (
           "one the worker draws a seed and returns it", sampling_only=True, configurable=False),
     Field("eos_token_id", "integer or list", read_token_ids,
           "token ids in the vocabulary that end generation", configurable=False),
+    Field("ignore_eos", "boolean", read_boolean,
+          "generate `max_new_tokens` tokens whatever end-of-text token comes (as vLLM's; for load tests and "
+          "benchmarks); stop strings still end the text", configurable=False),
     Field("stream", "boolean", read_boolean, "stream the text as JSON lines"),
     Field("return_token_ids", "boolean", read_boolean, "add `token_ids` to the answer"),
 )

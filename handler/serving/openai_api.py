@@ -121,9 +121,11 @@ FIELDS = (
                 "contrastive decoding and no temperature, contrastive sampling"),
     OpenAIField("eos_token_id", "integer or list", "this package's (`extra_body`), as in [Request](#request): "
                 "token ids that end generation"),
+    OpenAIField("ignore_eos", "boolean", "this package's (`extra_body`, as vLLM's), as in [Request](#request): "
+                "`max_tokens` tokens whatever end-of-text comes"),
 )
 BY_NAME = {f.name: f for f in FIELDS}
-NATIVE_EXTRAS = ("decoding", "penalty_alpha", "top_k", "do_sample", "eos_token_id")  # passed through as they are
+NATIVE_EXTRAS = ("decoding", "penalty_alpha", "top_k", "do_sample", "eos_token_id", "ignore_eos")  # passed through as they are
 RENAMED = {"max_new_tokens": "max_tokens"}  # native name -> OpenAI name, for errors the native rules raise
 
 

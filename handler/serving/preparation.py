@@ -76,8 +76,8 @@ class Preparation:
             raise RequestError("prompt", "the prompt has no tokens")
         self.admission.check(len(prompt_ids), params)
         seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
-        eos = params.eos_token_id if params.eos_token_id is not None else self.eos_ids
-        return Request(request_id, prompt_ids, params, eos, seed, deadline=self.admission.deadline(),
+        return Request(request_id, prompt_ids, params, params.end_ids(self.eos_ids), seed,
+                       deadline=self.admission.deadline(),
                        on_admit=self._fault(headers))
 
     def _fault(self, headers: Mapping[str, Any]) -> Callable[[], None] | None:

@@ -111,7 +111,7 @@ def test_a_full_pool_queues_and_then_serves_everyone(fp32_model, make_engine):
 def test_cancelled_requests_free_their_slots_and_change_no_one(fp32_model, make_engine):
     _, model = fp32_model
     engine = make_engine(max_slots=3, sync_every=2)
-    stay = Request("stay", [9, 8, 7], GenerationParams(max_new_tokens=30), EOS)
+    stay = Request("stay", [9, 8, 7], GenerationParams(max_new_tokens=30), ())  # no end-of-text: it stays
     go = engine.submit(Request("go", [1, 2], GenerationParams(decoding="greedy", max_new_tokens=60), ()))
     waiting = engine.submit(Request("waiting", [3], GenerationParams(decoding="greedy", max_new_tokens=60), ()))
     stayed = engine.submit(stay)
@@ -203,8 +203,8 @@ def test_deadline_ends_a_request_as_timeout_with_what_it_made(make_engine):
 
 def test_the_text_sees_every_token_once_in_order(fp32_model, tokenizer):
     _, model = fp32_model
-    engine_gens = generate(model, requests_for([[3, 4, 5]], GenerationParams(max_new_tokens=13)), sync_every=5,
-                           detokenize=detokenizer(tokenizer))
+    engine_gens = generate(model, requests_for([[3, 4, 5]], GenerationParams(max_new_tokens=13), eos=()),
+                           sync_every=5, detokenize=detokenizer(tokenizer))
     assert len(engine_gens[0].tokens) == 13
     assert engine_gens[0].text.text() == detokenizer(tokenizer)(engine_gens[0].tokens)
 

@@ -110,8 +110,8 @@ def test_batch_answers_in_order_and_independent_of_the_batch(request, which):
 
 def test_a_short_request_finishes_while_a_long_one_goes_on(handler):
     """Continuous batching: the short request's answer comes calls before the long one's."""
-    bodies = [{"prompt": "long", "decoding": "greedy", "max_new_tokens": 90},
-              {"prompt": "short", "decoding": "greedy", "max_new_tokens": 3}]
+    bodies = [{"prompt": "long", "decoding": "greedy", "max_new_tokens": 90, "ignore_eos": True},
+              {"prompt": "short", "decoding": "greedy", "max_new_tokens": 3, "ignore_eos": True}]
     codes, _, chunks = run(handler, bodies)
     assert codes == [200, 200]
     # calls until each got its final answer: the short one's in the first call (its 3 tokens come with the first
@@ -126,8 +126,9 @@ def test_a_client_that_goes_away_frees_its_slot(handler):
     while jobs are open or new ones arrive)."""
     before = handler.engine.stats()
     hung_up = f"request-{handler.frontend.served}"
-    bodies = [{"prompt": "I will hang up", "decoding": "greedy", "max_new_tokens": 90, "stream": True},
-              {"prompt": "I stay", "decoding": "greedy", "max_new_tokens": 30}]
+    bodies = [{"prompt": "I will hang up", "decoding": "greedy", "max_new_tokens": 90, "stream": True,
+               "ignore_eos": True},
+              {"prompt": "I stay", "decoding": "greedy", "max_new_tokens": 30, "ignore_eos": True}]
     # the client goes away after its first chunk, which comes with the first call (it ends at the first tokens):
     # "I stay" is still running then, so the frontend calls again and the handler sees the job gone
     codes, answers, chunks = run(handler, bodies, drop={0: 1})
@@ -196,6 +197,17 @@ def test_stop_string_cuts_text_and_reports_stop(handler):
     assert stop not in answer["generated_text"]
     assert answer["token_ids"] == base.tokens[: len(answer["token_ids"])]
     assert answer["completion_tokens"] == len(answer["token_ids"]) < len(base.tokens)
+
+
+def test_ignore_eos_generates_past_the_end_of_text(handler):
+    """The trained tiny model ends its answer to "你是谁?" well before 90 tokens; ignore_eos goes on."""
+    body = {"prompt": "你是谁?", "decoding": "greedy", "max_new_tokens": 90, "return_token_ids": True}
+    codes, answers, _ = run(handler, [body, {**body, "ignore_eos": True}])
+    assert codes == [200, 200], answers
+    ended, forced = answers
+    assert ended["finish_reason"] == "eos" and ended["completion_tokens"] < 90
+    assert forced["finish_reason"] == "length" and forced["completion_tokens"] == 90
+    assert forced["token_ids"][:len(ended["token_ids"])] == ended["token_ids"]  # the same text up to the eos
 
 
 def test_streaming_chunks_join_to_the_final_text(handler):

@@ -120,3 +120,13 @@ def test_operator_defaults_apply_and_are_checked():
 def test_limits_are_checked(raw, words):
     with pytest.raises(ValueError, match=words):
         RequestLimits.from_config(raw)
+
+
+@pytest.mark.parametrize("params,want", [
+    (GenerationParams(), (0,)),
+    (GenerationParams(eos_token_id=(5, 6)), (5, 6)),
+    (GenerationParams(ignore_eos=True), ()),
+    (GenerationParams(eos_token_id=(5,), ignore_eos=True), ()),
+])
+def test_the_ids_that_end_a_request(params, want):
+    assert params.end_ids((0,)) == want
