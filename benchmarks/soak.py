@@ -47,7 +47,9 @@ GOOD = [  # what a well-behaved client asks: every answer checked token for toke
     {"prompt": "北京是中国的首都", "max_new_tokens": 16, "top_k": 8, "penalty_alpha": 0.4},
     {"prompt": "The weather is nice today", "max_new_tokens": 4, "stop": ["."]},
 ]
-HANG_UP = {"prompt": "I will hang up", "max_new_tokens": 200, "decoding": "greedy", "stream": True}
+# ignore_eos: the stream must still be running when its client hangs up (the trained tiny model would end it
+# at an end-of-text within a few tokens)
+HANG_UP = {"prompt": "I will hang up", "max_new_tokens": 200, "decoding": "greedy", "stream": True, "ignore_eos": True}
 JSON = "application/json"
 BAD = [  # (body, content type, status): malformed in every way the fuzz found, and the usual ones
     (b'{"prompt": bad', JSON, 400),

@@ -44,6 +44,19 @@ def default_run_dir() -> str:
     return os.environ.get("RUN_DIR") or str(REPO / "run")
 
 
+def add_server_arguments(parser) -> None:
+    """--config and --run-dir: which running server a tool talks to, and where its keys and logs are."""
+    parser.add_argument("--config", default=default_config(), help="the server's config.properties "
+                        "(default: $TS_CONFIG, else the repo's)")
+    parser.add_argument("--run-dir", default=default_run_dir(), help="the directory the server was started from, "
+                        "with key_file.json and logs/ (default: $RUN_DIR, else run/)")
+
+
+def server_from_arguments(args) -> "TorchServe":
+    """The server that add_server_arguments' options name."""
+    return TorchServe.from_config(args.config, args.run_dir)
+
+
 def read_properties(path: str | Path) -> dict[str, str]:
     try:
         text = Path(path).read_text()

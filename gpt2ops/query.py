@@ -25,8 +25,8 @@ import argparse
 import json
 import sys
 
-from gpt2ops.client import KeyRejected, ServerUnreachable, TorchServe, default_config, default_run_dir, \
-    key_hint, START_HINT
+from gpt2ops.client import KeyRejected, ServerUnreachable, TorchServe, START_HINT, add_server_arguments, key_hint, \
+    server_from_arguments
 from gpt2ops.errors import OpsError, cli
 
 
@@ -52,13 +52,10 @@ def main(argv=None) -> int:
                         "(<model>/<version>/v1/completions) with the official openai client")
     parser.add_argument("--version", default="1.0", help="the model version in the URL of --openai (default 1.0, "
                         "the archive's)")
-    parser.add_argument("--config", default=default_config(), help="the server's config.properties "
-                        "(default: $TS_CONFIG, else the repo's)")
-    parser.add_argument("--run-dir", default=default_run_dir(), help="the directory the server was started from, "
-                        "with key_file.json (default: $RUN_DIR, else run/)")
+    add_server_arguments(parser)
     args = parser.parse_args(argv)
 
-    server = TorchServe.from_config(args.config, args.run_dir)
+    server = server_from_arguments(args)
     params = dict(args.param)
     if args.openai:
         return openai_query(server, args, params)

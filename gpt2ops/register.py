@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from gpt2ops.client import TorchServe, default_config, default_run_dir
+from gpt2ops.client import add_server_arguments, server_from_arguments
 from gpt2ops.errors import cli
 
 
@@ -27,13 +27,10 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--replace", action="store_true",
                         help="when the model is registered already, unregister it and register the archive again")
-    parser.add_argument("--config", default=default_config(), help="the server's config.properties "
-                        "(default: $TS_CONFIG, else the repo's)")
-    parser.add_argument("--run-dir", default=default_run_dir(), help="the directory the server was started from, "
-                        "with key_file.json and logs/ (default: $RUN_DIR, else run/)")
+    add_server_arguments(parser)
     args = parser.parse_args(argv)
 
-    server = TorchServe.from_config(args.config, args.run_dir)
+    server = server_from_arguments(args)
     archive = args.archive or f"{args.model_name}.mar"
     replaced = args.replace and server.is_registered(args.model_name)
     if replaced:

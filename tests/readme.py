@@ -58,3 +58,15 @@ def words(command: str) -> list[str]:
 def options(command: str) -> list[str]:
     """The --options a command passes (values and `=value` parts dropped)."""
     return [w.split("=", 1)[0] for w in words(command) if w.startswith("--")]
+
+
+def table_rows(header: str) -> list[str]:
+    """The rows of the README's table under the line `header` (its separator line skipped)."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    start = lines.index(header)
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    return rows

@@ -229,8 +229,7 @@ class Batching:
                 answer, flag = self._fail(index, job, internal_error(err, "while answering this request"), context)
             out.append(answer)
             stop_flags.append(flag)
-        if self.continuous:
-            context.stopping_criteria = [lambda _answer, flag=flag: flag for flag in stop_flags]
+        self._set_stop_flags(context, stop_flags)
         return out
 
     def fail_all(self, count: int, context, err: BaseException) -> list[str]:
@@ -244,9 +243,13 @@ class Batching:
             answer, flag = self._fail(index, job, internal_error(err, "in this worker"), context)
             out.append(answer)
             stop_flags.append(flag)
+        self._set_stop_flags(context, stop_flags)
+        return out
+
+    def _set_stop_flags(self, context, stop_flags: list[bool | None]) -> None:
+        """Continuous batching: tell the frontend which jobs of this call stay open (False) and which end."""
         if self.continuous:
             context.stopping_criteria = [lambda _answer, flag=flag: flag for flag in stop_flags]
-        return out
 
     def _answer(self, index: int, job: Job, context) -> tuple[str, bool | None]:
         """A job's answer and its stop flag (False: the job stays open; True: a stream ends; None: plain)."""

@@ -9,17 +9,11 @@ from gpt2ops import REPO
 from handler.engine.params import GenerationParams, InvalidParameter
 from handler.serving.fields import BY_NAME, FIELDS, PROMPT, RequestLimits, markdown_rows
 from handler.serving.settings import HandlerSettings
+from tests.readme import table_rows
 
 
 def readme_request_rows() -> list[str]:
-    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
-    start = lines.index("| field | type | default | range / rule |")
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append(line)
-    return rows
+    return table_rows("| field | type | default | range / rule |")
 
 
 def test_the_readme_table_is_the_field_table_with_the_shipped_config():

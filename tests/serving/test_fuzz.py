@@ -22,7 +22,6 @@ import os
 from collections import Counter
 
 import pytest
-import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -33,7 +32,7 @@ from handler.serving.fields import BY_NAME
 from handler.serving.preparation import Prepared
 from handler.serving.request import RawRequest, read_request
 from tests.fuzz_inputs import REQUEST_OBJECTS, as_worker, worker_requests
-from tests.serving.test_handler import make_handler
+from tests.serving.handlers import make_handler, one_torch_thread
 
 SCALE = float(os.environ.get("FUZZ_SCALE", "1"))
 DOCUMENTED = {400, 404, 413, 507}  # what input may get; 500 is an internal fault, never the answer to input
@@ -49,15 +48,10 @@ def examples(n: int) -> int:
 
 @pytest.fixture(scope="module")
 def handler(tiny_model_dir):
-    """Short generations (at most 8 tokens) so that valid fuzzed requests cost little; one torch thread while
-    this module runs: on a busy 2-core machine two threads make each of the tiny model's matrix products
-    some 40 times slower (they wait for each other), and the fuzz has a time budget."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    """Short generations (at most 8 tokens) so that valid fuzzed requests cost little; one torch thread (the
+    fuzz has a time budget)."""
+    with one_torch_thread():
         yield make_handler(tiny_model_dir, warmup=False, limits=LIMITS, defaults={"max_new_tokens": 4})
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

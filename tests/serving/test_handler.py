@@ -13,23 +13,9 @@ import json
 import pytest
 import torch
 
-from gpt2ops.local_server import model_config
-from handler.engine import Request, generate
-from handler.serving.fields import params_from_request
-from handler.engine.text import detokenizer
-from handler.gpt2_handler import ContrastiveGPT2Handler
-from tests.ts_context import Frontend, make_context
+from tests.serving.handlers import local, make_handler, run
 
 LIMITS = {"max_prompt_tokens": 64, "max_new_tokens": 96}
-
-
-def make_handler(model_dir, **overrides) -> ContrastiveGPT2Handler:
-    """A handler initialised as the worker does it, with a frontend that keeps its context."""
-    context = make_context(model_dir, model_config(**overrides))
-    h = ContrastiveGPT2Handler()
-    h.initialize(context)
-    h.frontend = Frontend(h, context)
-    return h
 
 
 @pytest.fixture(scope="module")
@@ -41,25 +27,6 @@ def handler(tiny_model_dir):
 def static_handler(tiny_model_dir):
     """The same, each batch run to completion (continuousBatching: false)."""
     return make_handler(tiny_model_dir, continuousBatching=False, warmup=False, limits=LIMITS)
-
-
-def run(handler, bodies, headers=None, **kw):
-    """Requests through the frontend; returns (statuses, last JSON object of each answer, chunks per request)."""
-    codes, texts, chunks = handler.frontend.serve(bodies, headers, **kw)
-    answers = []
-    for text in texts:
-        lines = [json.loads(line) for line in text.splitlines() if line.strip()]
-        answers.append(lines[-1] if lines else None)
-    return codes, answers, chunks
-
-
-def local(handler, prompt, **fields):
-    """What the engine gives for one prompt alone, outside the handler."""
-    params = params_from_request(fields, defaults=handler.settings.defaults, limits=handler.settings.limits,
-                                           vocab_size=handler.loaded.model.vocab_size)
-    ids = handler.loaded.tokenizer.encode(prompt)
-    request = Request("local", ids, params, handler.loaded.eos_ids, params.seed or 0)
-    return generate(handler.loaded.model, [request], detokenize=detokenizer(handler.loaded.tokenizer))[0]
 
 
 def test_initialize_cpu_float32_pool_and_tokenizer_from_folder(handler):

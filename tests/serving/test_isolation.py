@@ -13,22 +13,17 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from gpt2ops.expected import ExpectedAnswers
 from handler.serving import responses
 from tests.serving.test_fuzz import GOOD, LIMITS, lines
-from tests.serving.test_handler import make_handler
+from tests.serving.handlers import make_handler, one_torch_thread
 
 
 @pytest.fixture(scope="module")
 def handler(tiny_model_dir):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/serving/test_fuzz.py
-    try:
+    with one_torch_thread():
         yield make_handler(tiny_model_dir, warmup=False, limits=LIMITS, defaults={"max_new_tokens": 4})
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

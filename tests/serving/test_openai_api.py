@@ -17,7 +17,9 @@ from gpt2ops import REPO
 from handler.serving.errors import RequestError
 from handler.serving.openai_api import _params, error_object, read_body, read_completion
 from handler.serving.settings import HandlerSettings
-from tests.serving.test_handler import LIMITS, local, make_handler
+from tests.readme import table_rows
+from tests.serving.handlers import local, make_handler
+from tests.serving.test_handler import LIMITS
 
 SETTINGS = HandlerSettings.from_model_config(yaml.safe_load((REPO / "model-config.yaml").read_text()))
 VOCAB = 1000
@@ -415,12 +417,6 @@ def test_run_to_completion_streams_events_as_intermediate_responses(static_handl
 def test_the_readme_table_is_the_field_table_with_the_shipped_config():
     from handler.serving.openai_api import FIELDS, markdown_rows
 
-    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
-    start = lines.index("| OpenAI field | type | here |")
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append(line)
+    rows = table_rows("| OpenAI field | type | here |")
     assert rows == markdown_rows(SETTINGS)
     assert len(rows) == len(FIELDS)
