@@ -51,7 +51,7 @@ from handler.engine.stopping import FinishReason
 from handler.serving.errors import RequestError
 from handler.serving.fields import params_from_request
 from handler.serving.preparation import Preparation
-from handler.serving.request import JSON_HINT, header
+from handler.serving.request import JSON_HINT, check_fields_text, content_length, parse_json
 from handler.serving.routes import Handoff, Immediate
 from handler.serving.settings import HandlerSettings
 
@@ -185,9 +185,10 @@ class CompletionRequest:
 
 
 def read_body(entry: Any, headers: Mapping[str, Any], max_body_bytes: int) -> dict:
-    """One TorchServe entry -> the JSON object of a completions request; OpenAIError when there is none."""
-    length = header(headers, "Content-Length")
-    if length.isdigit() and int(length) > max_body_bytes:
+    """One TorchServe entry -> the JSON object of a completions request; OpenAIError (or the native reader's
+    RequestError, for what both APIs refuse alike) when there is none."""
+    length = content_length(headers)
+    if length is not None and length > max_body_bytes:
         raise OpenAIError(None, f"body is {length} bytes; the limit is {max_body_bytes} bytes", 413)
     entry = entry if isinstance(entry, Mapping) else {}
     if "body" not in entry and "data" not in entry:
@@ -205,13 +206,13 @@ def read_body(entry: Any, headers: Mapping[str, Any], max_body_bytes: int) -> di
         if len(body) > max_body_bytes:
             raise OpenAIError(None, f"body is {len(body)} bytes; the limit is {max_body_bytes} bytes", 413)
         try:
-            body = json.loads(bytes(body).decode("utf-8"))
+            text = bytes(body).decode("utf-8")
         except UnicodeDecodeError as err:
             raise OpenAIError(None, f"body is not valid UTF-8 ({err.reason} at byte {err.start})") from None
-        except (ValueError, RecursionError) as err:
-            raise OpenAIError(None, f"body is not valid JSON ({type(err).__name__}: {str(err)[:200]})") from None
+        body = parse_json(text)
     if not isinstance(body, dict):
         raise OpenAIError(None, 'body must be a JSON object such as {"model": "...", "prompt": "..."}')
+    check_fields_text(body)
     return body
 
 

@@ -99,7 +99,7 @@ def _unpaired_surrogate(text: str) -> str | None:
     return None
 
 
-def _check_text(name: str, value: Any) -> None:
+def check_text(name: str, value: Any) -> None:
     """RequestError naming field `name` when a string in `value` (keys included) is not valid Unicode."""
     stack = [value]
     while stack:  # no recursion: a value may be nested as deeply as the parser allowed
@@ -138,16 +138,21 @@ def _from_body(body: Any, content_type: str, max_body_bytes: int) -> RawRequest:
 
 
 def _from_text(text: str) -> RawRequest:
-    _check_text("prompt", text)
+    check_text("prompt", text)
     if not text.strip():
         raise RequestError("prompt", 'the body is empty: send {"prompt": "..."} or the prompt as text/plain')
     return RawRequest(text, {})
 
 
-def _from_object(obj: dict[str, Any]) -> RawRequest:
+def check_fields_text(obj: dict[str, Any]) -> None:
+    """RequestError naming the first field whose name or value holds a string that is not valid Unicode."""
     for key, value in obj.items():
-        _check_text(key, key)
-        _check_text(key, value)
+        check_text(key, key)
+        check_text(key, value)
+
+
+def _from_object(obj: dict[str, Any]) -> RawRequest:
+    check_fields_text(obj)
     if "prompt" not in obj:
         raise RequestError("prompt", "prompt is required")
     prompt = obj["prompt"]

@@ -166,9 +166,28 @@ def lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def check_openai_answer(status: int, text: str) -> None:
+    """An answer of the OpenAI-compatible routes (`v1/`): OpenAI's error shape, a completion, a model list,
+    or server-sent events ending with [DONE]."""
+    if text.startswith("data: "):
+        assert text.endswith("data: [DONE]\n\n"), text
+        events = [json.loads(block[len("data: "):]) for block in text.split("\n\n")[:-2]]
+        assert all("error" in e or e["object"] == "text_completion" for e in events), text
+        return
+    answer = json.loads(text)
+    if status != 200:
+        error = answer["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], text
+        return
+    assert answer["object"] in ("text_completion", "list", "model"), text
+
+
 def check_answer(status: int, text: str) -> None:
     """A fuzzed request's answer: a documented status, and a body that is what that status promises."""
     assert status == 200 or status in DOCUMENTED, (status, text)
+    if text.startswith(("data: ", '{"error": ', '{"id": "cmpl-', '{"object": ')):
+        check_openai_answer(status, text)
+        return
     if status != 200:
         error = json.loads(text.splitlines()[-1])  # a stream that failed late ends with the error line
         assert error["code"] == status and isinstance(error["field"], str) and error["message"], text

@@ -221,7 +221,9 @@ def test_native_404_names_the_openai_routes_too(handler):
     (b'{"prompt": "hi"', "not valid JSON"),
     (b"[1, 2]", "JSON object"),
     (b'{"prompt": "\xff"}', "UTF-8"),
-    (b"[" * 20_000 + b"]" * 20_000, "not valid JSON"),  # TorchServe's worker passes deep nesting on as bytes
+    (b"[" * 20_000 + b"]" * 20_000, "nested too deeply"),  # TorchServe's worker passes deep nesting on as bytes
+    (b'{"prompt": 1' + b"0" * 5000 + b"}", "number too long"),  # past Python's 4300 digits
+    (b'{"prompt": "\\ud800x"}', "unpaired UTF-16 surrogate"),  # the tokenizer would raise: refused by name
     ({"prompt": "x" * 70_000}, None),  # under TorchServe's limit, over the handler's: refused by size below
 ])
 def test_unreadable_bodies_are_400_in_openai_shape(handler, body, words):
@@ -234,7 +236,13 @@ def test_unreadable_bodies_are_400_in_openai_shape(handler, body, words):
         assert codes == [413] and "the limit is 65536 bytes" in error["message"]
     else:
         assert codes == [400] and words in error["message"], error
-    assert error["param"] is None and error["type"] == "invalid_request_error"
+    assert error["param"] in (None, "prompt") and error["type"] == "invalid_request_error"
+
+
+def test_a_content_length_past_4300_digits_is_not_a_fault(handler):
+    headers = {"Content-Type": "application/json", "url_path": "v1/completions", "Content-Length": "9" * 5000}
+    codes, bodies, _ = handler.frontend.serve([{"prompt": "hi", "max_tokens": 2}], [headers])
+    assert codes == [200], bodies  # the header is ignored; the body that arrived is what is read
 
 
 def test_form_fields_are_refused_with_the_content_type_hint():
