@@ -42,13 +42,11 @@ import torch
 
 from handler.engine import Engine, GenerationParams, PoolShape, Request
 from handler.engine.model import CompactGPT2
+from handler.memory.plan import REFERENCE_SHAPES, config_kwargs
 
 STEPS = {"eager": None, "compiled": "none", "graphs": "manual", "trees": "trees"}  # -> FastStep's graphs
 
-SHAPES = {
-    "110m": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
-    "3.5b": dict(n_layer=30, n_embd=3072, n_head=32, vocab_size=50304, n_positions=1024),
-}
+SHAPES = {name: config_kwargs(shape) for name, shape in REFERENCE_SHAPES.items()}  # GPT2Config kwargs
 MODES = {
     "contrastive": GenerationParams(penalty_alpha=0.6, top_k=4),
     "contrastive-sampling": GenerationParams(penalty_alpha=0.6, top_k=4, do_sample=True, temperature=0.7),

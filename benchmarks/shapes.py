@@ -22,11 +22,10 @@ import time
 import torch
 
 from handler.engine import Engine, GenerationParams, PoolShape, Request
+from handler.memory.plan import REFERENCE_SHAPES, config_kwargs
 
-SHAPES = {
-    "tiny": dict(n_layer=4, n_embd=128, n_head=4, vocab_size=2048, n_positions=512),
-    "110m": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
-}
+SHAPES = {**{name: config_kwargs(shape) for name, shape in REFERENCE_SHAPES.items()},
+          "tiny": dict(n_layer=4, n_embd=128, n_head=4, vocab_size=2048, n_positions=512)}
 MODES = {
     "greedy": GenerationParams(decoding="greedy"),
     "contrastive k4": GenerationParams(top_k=4),

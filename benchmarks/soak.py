@@ -37,8 +37,8 @@ from urllib.parse import urlsplit
 import psutil
 
 from gpt2ops.client import TorchServe
+from handler.memory.plan import MIB
 
-MIB = 2**20
 GOOD = [  # what a well-behaved client asks: every answer checked token for token
     {"prompt": "你是谁?", "max_new_tokens": 12},
     {"prompt": "Who are you?", "max_new_tokens": 8, "decoding": "greedy"},

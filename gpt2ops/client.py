@@ -63,6 +63,11 @@ def read_properties(path: str | Path) -> dict[str, str]:
     except OSError as err:
         raise OpsError(f"cannot read the TorchServe config {path}: {err.strerror or err}",
                        "pass --config with the config.properties the server was started with") from None
+    return parse_properties(text)
+
+
+def parse_properties(text: str) -> dict[str, str]:
+    """config.properties text -> {key: value} (comments and blank lines skipped)."""
     props = {}
     for line in text.splitlines():
         line = line.strip()

@@ -48,15 +48,13 @@ import time
 from pathlib import Path
 
 from gpt2ops import REPO
+from handler.memory.plan import REFERENCE_SHAPES, config_kwargs
 
 DEADLINE_S = 480.0
 RESERVE_S = 15.0  # kept for writing the report
 NO_CUDA = "no CUDA device: the GPU report needs an NVIDIA GPU with CUDA; nothing was written"
 INIT_STD = 0.1
-SHAPES = {
-    "110m": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
-    "3.5b": dict(n_layer=30, n_embd=3072, n_head=32, vocab_size=50304, n_positions=1024),
-}
+SHAPES = {name: config_kwargs(shape) for name, shape in REFERENCE_SHAPES.items()}  # GPT2Config kwargs
 # (shape, batch) -> decode steps to time; trees (mode="reduce-overhead") once, to compare with manual capture
 SPEED = [("110m", 1, ["eager", "compiled", "graphs", "trees"]), ("110m", 8, ["eager", "graphs"]),
          ("110m", 32, ["eager", "graphs"]), ("3.5b", 1, ["eager", "graphs"]), ("3.5b", 8, ["eager", "graphs"])]

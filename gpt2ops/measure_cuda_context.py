@@ -34,8 +34,8 @@ from pathlib import Path
 
 from gpt2ops import REPO
 from gpt2ops.errors import report as report_error
+from handler.memory.plan import MIB
 
-MIB = 2**20
 MODES = ("LAZY", "EAGER")
 NO_CUDA = "no CUDA device: nothing to measure"
 

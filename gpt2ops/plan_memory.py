@@ -40,18 +40,11 @@ from handler.memory.plan import (
     DEFAULT_CONTEXT_MIB,
     WORKSPACE_MIB_HOPPER,
     WORKSPACE_MIB_PRE_HOPPER,
+    REFERENCE_SHAPES as SHAPES,
     ModelShape,
     Plan,
 )
 
-SHAPES = {
-    # IDEA-CCNL/Wenzhong-GPT2-110M is GPT-2 small. vocab_size 50257 is GPT-2's own: not checked against the
-    # checkpoint's config.json (its 274 MB fp16 file fits 50257 and 50304 alike).
-    "110m": ModelShape(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
-    # IDEA-CCNL/Wenzhong2.0-GPT2-3.5B-chinese: shape as given in the issue (vocab_size 50304 included); the model
-    # card confirms 30 layers and 3.5B parameters, and Wenzhong-GPT2-3.5B's 7.18 GB fp16 checkpoint fits n_embd 3072.
-    "3.5b": ModelShape(n_layer=30, n_embd=3072, n_head=32, vocab_size=50304, n_positions=1024),
-}
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 # card: (MiB as nvidia-smi reports the total, cuBLAS workspace MiB PyTorch keeps on that architecture)
 GPUS = {

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from gpt2ops.client import parse_properties
+
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
 GENERATED_CONFIG = "config.docker.properties"
@@ -106,16 +108,6 @@ def _env(stage: list[Instruction]) -> dict[str, str]:
             assert sep, f"line {instruction.line}: use ENV key=value, not the legacy `ENV key value` form"
             env[key] = value
     return env
-
-
-def _properties(text: str) -> dict[str, str]:
-    props = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, _, value = line.partition("=")
-            props[key.strip()] = value.strip()
-    return props
 
 
 def _pins(path: Path) -> dict[str, str]:
@@ -235,7 +227,7 @@ def test_java_17_installed(final_stage):
 
 def test_exposes_the_configured_ports(final_stage):
     exposed = {port for i in final_stage if i.keyword == "EXPOSE" for port in i.args.split()}
-    props = _properties((REPO / "config.properties").read_text())
+    props = parse_properties((REPO / "config.properties").read_text())
     for key in ADDRESS_KEYS:
         port = props[key].rsplit(":", 1)[1]
         assert port in exposed, f"{key} port {port} is not EXPOSEd"
@@ -260,7 +252,7 @@ def generated_config(final_stage, tmp_path_factory) -> dict[str, str]:
     for cmd in commands:
         result = subprocess.run([bash, "-o", "pipefail", "-c", cmd], cwd=work, capture_output=True, text=True)
         assert result.returncode == 0, f"{cmd!r} failed: {result.stderr}"
-    return _properties((work / GENERATED_CONFIG).read_text())
+    return parse_properties((work / GENERATED_CONFIG).read_text())
 
 
 def test_ts_config_points_at_the_generated_config(final_stage):
@@ -271,20 +263,20 @@ def test_ts_config_points_at_the_generated_config(final_stage):
 
 @pytest.mark.parametrize("key", ADDRESS_KEYS)
 def test_container_binds_all_interfaces_on_the_same_port(generated_config, key):
-    original = _properties((REPO / "config.properties").read_text())[key]
+    original = parse_properties((REPO / "config.properties").read_text())[key]
     assert generated_config[key] == "http://0.0.0.0:" + original.rsplit(":", 1)[1], generated_config[key]
 
 
 @pytest.mark.parametrize("key", ["enable_model_api", "allowed_urls", "job_queue_size", "max_request_size",
                                  "default_response_timeout", "metrics_mode"])
 def test_container_config_keeps_the_repo_settings(generated_config, key):
-    original = _properties((REPO / "config.properties").read_text())
+    original = parse_properties((REPO / "config.properties").read_text())
     assert key in original, f"config.properties has no {key}"
     assert generated_config.get(key) == original[key], f"{key}: {generated_config.get(key)!r} != {original[key]!r}"
 
 
 def test_container_config_changes_nothing_but_addresses(generated_config):
-    original = _properties((REPO / "config.properties").read_text())
+    original = parse_properties((REPO / "config.properties").read_text())
     strip = lambda d: {k: v for k, v in d.items() if k not in ADDRESS_KEYS}  # noqa: E731
     assert strip(generated_config) == strip(original)
 

@@ -15,6 +15,7 @@ with PyTorch 2.11 and lazy module loading.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from handler.engine.pool import PoolShape, pool_bytes
@@ -55,6 +56,22 @@ class ModelShape:
         per_layer = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * self.inner + self.inner) + (self.inner * d + d)
         head = 0 if self.tie_word_embeddings else self.vocab_size * d  # tied: lm_head is wte, no extra
         return self.vocab_size * d + self.n_positions * d + L * per_layer + 2 * d + head
+
+
+# The shapes of the reference models, for plans and benchmarks without their weights
+REFERENCE_SHAPES = {
+    # IDEA-CCNL/Wenzhong-GPT2-110M is GPT-2 small. vocab_size 50257 is GPT-2's own: not checked against the
+    # checkpoint's config.json (its 274 MB fp16 file fits 50257 and 50304 alike).
+    "110m": ModelShape(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
+    # IDEA-CCNL/Wenzhong2.0-GPT2-3.5B-chinese: shape as given in the issue (vocab_size 50304 included); the model
+    # card confirms 30 layers and 3.5B parameters, and Wenzhong-GPT2-3.5B's 7.18 GB fp16 checkpoint fits n_embd 3072.
+    "3.5b": ModelShape(n_layer=30, n_embd=3072, n_head=32, vocab_size=50304, n_positions=1024),
+}
+
+
+def config_kwargs(shape: ModelShape) -> dict:
+    """`GPT2Config(**config_kwargs(shape))`: a model of this shape (random weights, for benchmarks)."""
+    return dataclasses.asdict(shape)
 
 
 def pool_parts(shape: ModelShape, pool: PoolShape, dtype_bytes: int) -> dict[str, int]:

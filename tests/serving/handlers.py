@@ -15,6 +15,8 @@ from handler.gpt2_handler import ContrastiveGPT2Handler
 from handler.serving.fields import params_from_request
 from tests.ts_context import Frontend, make_context
 
+LIMITS = {"max_prompt_tokens": 64, "max_new_tokens": 96}  # the shared handlers' (tests/serving/conftest.py)
+
 
 def make_handler(model_dir, **overrides) -> ContrastiveGPT2Handler:
     """A handler initialised as the worker does it, with a frontend that keeps its context."""

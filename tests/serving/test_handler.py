@@ -15,19 +15,6 @@ import torch
 
 from tests.serving.handlers import local, make_handler, run
 
-LIMITS = {"max_prompt_tokens": 64, "max_new_tokens": 96}
-
-
-@pytest.fixture(scope="module")
-def handler(tiny_model_dir):
-    return make_handler(tiny_model_dir, warmup=True, limits=LIMITS)
-
-
-@pytest.fixture(scope="module")
-def static_handler(tiny_model_dir):
-    """The same, each batch run to completion (continuousBatching: false)."""
-    return make_handler(tiny_model_dir, continuousBatching=False, warmup=False, limits=LIMITS)
-
 
 def test_initialize_cpu_float32_pool_and_tokenizer_from_folder(handler):
     assert handler.device == torch.device("cpu")

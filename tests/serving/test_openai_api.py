@@ -18,8 +18,7 @@ from handler.serving.errors import RequestError
 from handler.serving.openai_api import _params, error_object, read_body, read_completion
 from handler.serving.settings import HandlerSettings
 from tests.readme import table_rows
-from tests.serving.handlers import local, make_handler
-from tests.serving.test_handler import LIMITS
+from tests.serving.handlers import local
 
 SETTINGS = HandlerSettings.from_model_config(yaml.safe_load((REPO / "model-config.yaml").read_text()))
 VOCAB = 1000
@@ -144,16 +143,6 @@ def test_unsupported_fields_have_their_own_code():
 
 
 # ---- the handler through TorchServe's frontend ----
-
-
-@pytest.fixture(scope="module")
-def handler(tiny_model_dir):
-    return make_handler(tiny_model_dir, warmup=False, limits=LIMITS)
-
-
-@pytest.fixture(scope="module")
-def static_handler(tiny_model_dir):
-    return make_handler(tiny_model_dir, continuousBatching=False, warmup=False, limits=LIMITS)
 
 
 @pytest.fixture(autouse=True)
