@@ -284,6 +284,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rate", type=float, default=24.0, help="Poisson arrivals per second (default 24)")
     parser.add_argument("--requests", type=int, default=240, help="requests of the open-loop run (default 240)")
     parser.add_argument("--low-requests", type=int, default=40, help="requests of the one-at-a-time run")
+    parser.add_argument("--decode-shapes", choices=("buckets", "fixed"), default="buckets",
+                        help="both archives' handler.pool.decode_shapes (fixed: every step costs the full pool's, "
+                        "as on a GPU where a step's time hardly depends on the rows it computes)")
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -300,8 +303,9 @@ def main(argv=None) -> int:
         build_tiny_model(model_dir, corpus=corpus, seed=TINY_DEFAULTS["seed"])
         store = root / "model_store"
         store.mkdir()
-        archives = {"run-to-completion": model_config(continuousBatching=False, maxBatchDelay=20),
-                    "continuous": model_config()}
+        pool = {"pool": {"decode_shapes": args.decode_shapes}}
+        archives = {"run-to-completion": model_config(continuousBatching=False, maxBatchDelay=20, **pool),
+                    "continuous": model_config(**pool)}
         for name, config in archives.items():
             build_archive(model_dir, name, store, config)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -322,7 +326,7 @@ def main(argv=None) -> int:
         finally:
             server.stop()
     print(f"# load test on {platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or 'cpu'}), "
-          f"TorchServe 0.12.0, tiny GPT-2 on the CPU in float32, batchSize 8")
+          f"TorchServe 0.12.0, tiny GPT-2 on the CPU in float32, batchSize 8, decode_shapes {args.decode_shapes}")
     print(comparison_table(low, high, args.rate))
     bad = sum(r.lost + r.wrong for r in [*low.values(), *high.values()])
     return 0 if bad == 0 else 1

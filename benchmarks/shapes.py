@@ -25,7 +25,8 @@ from handler.engine import Engine, GenerationParams, PoolShape, Request
 from handler.memory.plan import REFERENCE_SHAPES, config_kwargs
 
 SHAPES = {**{name: config_kwargs(shape) for name, shape in REFERENCE_SHAPES.items()},
-          "tiny": dict(n_layer=4, n_embd=128, n_head=4, vocab_size=2048, n_positions=512)}
+          "tiny": dict(n_layer=4, n_embd=128, n_head=4, vocab_size=2048, n_positions=512, bos_token_id=0,
+                       eos_token_id=0)}
 MODES = {
     "greedy": GenerationParams(decoding="greedy"),
     "contrastive k4": GenerationParams(top_k=4),

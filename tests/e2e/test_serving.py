@@ -133,6 +133,29 @@ def test_describe_returns_the_memory_breakdown(client):
     assert meta["limits"]["max_top_k"] == 16
 
 
+def test_the_engine_load_on_the_metrics_endpoint(client):
+    """Slots, slots in use, waiting requests, time to first token and generated tokens, as Prometheus reads
+    them from TorchServe's metrics port (what the Kubernetes autoscaler scales on)."""
+    def engine_metrics() -> dict[str, float]:
+        text = client.metrics()
+        found = {}
+        for name in ("EngineSlots", "EngineSlotsInUse", "EngineRequestsWaiting", "EngineTimeToFirstTokenMs",
+                     "EngineGeneratedTokens"):
+            values = [value for labels, value in parse_metric(text, name) if labels.get("ModelName") == MODEL]
+            if values:
+                found[name] = values[-1]
+        return found
+
+    before = engine_metrics().get("EngineGeneratedTokens", 0.0)
+    answer = client.generate(MODEL, "你好", max_new_tokens=7, decoding="greedy", ignore_eos=True)
+    assert answer["completion_tokens"] == 7
+    after = engine_metrics()  # published when the engine went idle, before the answer left
+    assert after["EngineSlots"] == client.report(MODEL)["pool"]["max_slots"] > 0
+    assert after["EngineSlotsInUse"] == 0 and after["EngineRequestsWaiting"] == 0
+    assert after["EngineTimeToFirstTokenMs"] > 0
+    assert after["EngineGeneratedTokens"] >= before + 7  # a counter: it only grows
+
+
 def test_memory_gauges_on_the_metrics_endpoint(client):
     samples = parse_metric(client.metrics(), "WorkerMemoryMiB")
     by_part = {labels["Part"]: value for labels, value in samples if labels.get("ModelName") == MODEL}
