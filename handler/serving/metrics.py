@@ -51,17 +51,20 @@ def publish_memory(context, device, report: dict) -> None:
 
 
 class EngineMetrics:
-    """Publishes the engine's load, throttled to once every PUBLISH_EVERY_S, and always when it goes idle
-    (the last answer of a burst must not leave a busy gauge behind for the autoscaler)."""
+    """Publishes the engine's load, throttled to once every PUBLISH_EVERY_S, and always when it is idle with
+    something new to say (the last answer of a burst must not leave a busy gauge or a stale token count
+    behind for the autoscaler, even when the burst began and ended within the throttle's second)."""
 
     def __init__(self):
         self.last_at = float("-inf")
         self.tokens_published = 0
-        self.published_idle = False
+        self.published_idle = False  # the last values published were an idle engine's, and nothing ran since
 
     def publish(self, context, stats: EngineStats, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
         idle = stats.slots_in_use == 0 and stats.waiting == 0
+        if not idle or stats.generated_tokens != self.tokens_published:
+            self.published_idle = False  # seen busy (published or not): the next idle state is news
         if now - self.last_at < PUBLISH_EVERY_S and not (idle and not self.published_idle):
             return False
         self.last_at, self.published_idle = now, idle
