@@ -34,6 +34,7 @@ from pathlib import Path
 
 from gpt2ops import REPO
 from gpt2ops.errors import report as report_error
+from handler.memory.ledger import driver_figure
 from handler.memory.plan import MIB
 
 MODES = ("LAZY", "EAGER")
@@ -79,12 +80,8 @@ def run_child(device: int, mode: str, timeout_s: float = 300) -> dict:
 
 def summarize(raw: dict) -> dict:
     """Readings of one process -> the table's row (MiB), with the method that gave the driver's figure."""
-    if raw.get("process_after") is not None:
-        method, process = "nvml_process", raw["process_after"]
-    elif raw.get("device_used_after") is not None and raw.get("device_used_before") is not None:
-        method, process = "nvml_device_delta", raw["device_used_after"] - raw["device_used_before"]
-    else:
-        method, process = "unavailable", None
+    method, process = driver_figure(raw.get("process_after"), raw.get("device_used_after"),
+                                    raw.get("device_used_before"))
     row = {
         "gpu_name": raw.get("gpu_name", ""),
         "driver_version": raw.get("driver_version", ""),

@@ -183,16 +183,13 @@ def split(readings: dict[str, Reading], graph_pool: tuple[int, int] = (0, 0)) ->
     """
     start, ctx, weights, pool, warm = (readings[s] for s in STAGES)
     graphs = readings.get(GRAPHS)
-    if warm.driver_process is not None and ctx.driver_process is not None:
-        method = "nvml_process"
-        total, ctx_driver = warm.driver_process, ctx.driver_process
-    elif warm.driver_device_used is not None and start.driver_device_used is not None:
-        method = "nvml_device_delta"  # the process is not listed (PID namespace): device used minus before
-        total = warm.driver_device_used - start.driver_device_used
-        ctx_driver = ctx.driver_device_used - start.driver_device_used
+    method, total = driver_figure(warm.driver_process if ctx.driver_process is not None else None,
+                                  warm.driver_device_used, start.driver_device_used)
+    if total is None:
+        method, total, ctx_driver = "allocator_only", warm.reserved, ctx.reserved
     else:
-        method = "allocator_only"
-        total, ctx_driver = warm.reserved, ctx.reserved
+        ctx_driver = driver_figure(ctx.driver_process if method == "nvml_process" else None,
+                                   ctx.driver_device_used, start.driver_device_used)[1]
     cuda_context = ctx_driver - ctx.reserved
     weight_bytes = weights.allocated - ctx.allocated
     pool_bytes = pool.allocated - weights.allocated
@@ -224,6 +221,18 @@ def split(readings: dict[str, Reading], graph_pool: tuple[int, int] = (0, 0)) ->
     parts["other"] = total - sum(parts.values())
     parts["driver_total"] = total
     return parts, method
+
+
+def driver_figure(process: int | None, device_used: int | None, device_used_before: int | None
+                  ) -> tuple[str, int | None]:
+    """A process's GPU memory as the driver counts it, and how it was read: its own line in NVML
+    ("nvml_process", what nvidia-smi lists), else the device's use minus what it was before the process
+    began ("nvml_device_delta": a process in a PID namespace is not listed), else none ("unavailable")."""
+    if process is not None:
+        return "nvml_process", process
+    if device_used is not None and device_used_before is not None:
+        return "nvml_device_delta", device_used - device_used_before
+    return "unavailable", None
 
 
 def _driver_delta(method: str, before: Reading, after: Reading) -> int | None:
