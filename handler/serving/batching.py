@@ -181,10 +181,13 @@ class Batching:
         logger.info("request %s: the client went away after %d tokens; its slot is free", request_id,
                     sum(len(gen.tokens) for gen in job.generations))
 
-    def _drop(self, request_id: str) -> None:
-        """End this request's generations, if it has any, and forget them: their slots and records are free."""
-        job = self.jobs.pop(request_id, None)
-        gen_ids = [gen.request_id for gen in job.generations] if job is not None else [request_id]
+    def _drop(self, request_id: str, job: Job | None = None) -> None:
+        """End this request's generations, if it has any, and forget them: their slots and records are free.
+        `job`: the request's job when it may not be (or no longer be) in the table. A job that knows no
+        generation (its call failed before it did) may still have one under its own id: that one ends."""
+        job = self.jobs.pop(request_id, None) or job
+        gen_ids = [gen.request_id for gen in job.generations] if job is not None and job.generations \
+            else [request_id]
         for gen_id in gen_ids:
             for step in (self.engine.cancel, self.engine.forget):
                 try:
@@ -269,9 +272,7 @@ class Batching:
 
     def _fail(self, index: int, job: Job, error: RequestError, context) -> tuple[str, bool | None]:
         """Answer `job` with `error` and close it; its generations, if any, end."""
-        self._drop(job.request_id)
-        for gen in job.generations:  # a job not (or no longer) in the table
-            self._drop(gen.request_id)
+        self._drop(job.request_id, job)
         body = job.api.error(error, job.opened) if job.api is not None else \
             error.to_json() + ("\n" if job.stream and job.opened else "")
         if job.opened:  # the status line went out with the first chunk: the error ends the body
