@@ -60,20 +60,20 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
             dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def read_integer(name: str, value: Any, limits: RequestLimits) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidParameter(name, f"{name} must be an integer, got {_type_name(value)} ({_describe(value)})")
+        raise InvalidParameter(name, f"{name} must be an integer, got {type_name(value)} ({_describe(value)})")
     return value
 
 
 def read_number(name: str, value: Any, limits: RequestLimits) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidParameter(name, f"{name} must be a number, got {_type_name(value)} ({_describe(value)})")
+        raise InvalidParameter(name, f"{name} must be a number, got {type_name(value)} ({_describe(value)})")
     try:
         number = float(value)
     except OverflowError:  # an integer beyond the largest float (JSON allows any number of digits)
@@ -85,7 +85,7 @@ def read_number(name: str, value: Any, limits: RequestLimits) -> float:
 
 def read_boolean(name: str, value: Any, limits: RequestLimits) -> bool:
     if not isinstance(value, bool):
-        raise InvalidParameter(name, f"{name} must be true or false, got {_type_name(value)} ({_describe(value)})")
+        raise InvalidParameter(name, f"{name} must be true or false, got {type_name(value)} ({_describe(value)})")
     return value
 
 
@@ -100,12 +100,12 @@ def read_stop(name: str, value: Any, limits: RequestLimits) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
-        raise InvalidParameter(name, f"stop must be a string or a list of strings, got {_type_name(value)}")
+        raise InvalidParameter(name, f"stop must be a string or a list of strings, got {type_name(value)}")
     if len(value) > limits.max_stop_strings:
         raise InvalidParameter(name, f"stop must have at most {limits.max_stop_strings} strings, got {len(value)}")
     for item in value:
         if not isinstance(item, str):
-            raise InvalidParameter(name, f"stop must contain only strings, got {_type_name(item)} ({_describe(item)})")
+            raise InvalidParameter(name, f"stop must contain only strings, got {type_name(item)} ({_describe(item)})")
         if not item:
             raise InvalidParameter(name, "stop strings must not be empty")
         if len(item) > limits.max_stop_length:

@@ -39,17 +39,16 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import math
 import secrets
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from handler.engine.params import SEED_LIMIT, GenerationParams
+from handler.engine.params import SEED_LIMIT, GenerationParams, InvalidParameter
 from handler.engine.scheduler import Engine, Generation
 from handler.engine.stopping import FinishReason
 from handler.serving.errors import RequestError
-from handler.serving.fields import params_from_request
+from handler.serving.fields import params_from_request, read_boolean, read_integer, read_number, type_name
 from handler.serving.preparation import Preparation
 from handler.serving.request import JSON_HINT, check_fields_text, content_length, parse_json
 from handler.serving.routes import Handoff, Immediate
@@ -216,27 +215,24 @@ def read_body(entry: Any, headers: Mapping[str, Any], max_body_bytes: int) -> di
     return body
 
 
-def _kind(value: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "an object"}.get(type(value), type(value).__name__)
+def _typed(read: Callable[[str, Any, Any], Any], name: str, value: Any) -> Any:
+    """`value` read by the native field reader (the same type rules and messages), errors in OpenAI's kind."""
+    try:
+        return read(name, value, None)  # these readers do not look at the limits
+    except InvalidParameter as err:
+        raise OpenAIError(name, err.message) from None
 
 
 def _boolean(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise OpenAIError(name, f"{name} must be true or false, got {_kind(value)}")
-    return value
+    return _typed(read_boolean, name, value)
 
 
 def _integer(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise OpenAIError(name, f"{name} must be an integer, got {_kind(value)}")
-    return value
+    return _typed(read_integer, name, value)
 
 
 def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise OpenAIError(name, f"{name} must be a finite number, got {_kind(value)} ({value!r:.40})")
-    return float(value)
+    return _typed(read_number, name, value)
 
 
 def _asks_for_nothing(name: str, value: Any) -> bool:
@@ -278,12 +274,12 @@ def read_completion(body: Mapping[str, Any], model_id: str, max_choices: int) ->
             _unsupported(name, given[name])
     if "model" in given:
         if not isinstance(given["model"], str):
-            raise OpenAIError("model", f"model must be a string, got {_kind(given['model'])}")
+            raise OpenAIError("model", f"model must be a string, got {type_name(given['model'])}")
         if given["model"] != model_id:
             raise OpenAIError("model", f"the model {given['model']!r} does not exist here; this server serves "
                               f"{model_id!r}", status=404, code="model_not_found")
     if "user" in given and not isinstance(given["user"], str):
-        raise OpenAIError("user", f"user must be a string, got {_kind(given['user'])}")
+        raise OpenAIError("user", f"user must be a string, got {type_name(given['user'])}")
     prompts = _prompts(given.get("prompt"))
     n = _integer("n", given.get("n", 1))
     if not 1 <= n <= max_choices:
@@ -298,7 +294,7 @@ def read_completion(body: Mapping[str, Any], model_id: str, max_choices: int) ->
         if not stream:
             raise OpenAIError("stream_options", "stream_options is only allowed with stream: true")
         if not isinstance(options, dict):
-            raise OpenAIError("stream_options", f"stream_options must be an object, got {_kind(options)}")
+            raise OpenAIError("stream_options", f"stream_options must be an object, got {type_name(options)}")
         for key in options:
             if key != "include_usage":
                 raise OpenAIError("stream_options", f"unknown stream_options field {key!r}; known: 'include_usage'")
@@ -314,13 +310,13 @@ def _prompts(value: Any) -> tuple[str, ...]:
         raise OpenAIError("prompt", "prompt is required", code="missing_required_parameter")
     prompts = [value] if isinstance(value, str) else value
     if not isinstance(prompts, list) or not prompts:
-        raise OpenAIError("prompt", f"prompt must be a string or a non-empty list of strings, got {_kind(value)}")
+        raise OpenAIError("prompt", f"prompt must be a string or a non-empty list of strings, got {type_name(value)}")
     for i, prompt in enumerate(prompts):
         where = "prompt" if isinstance(value, str) else f"prompt[{i}]"
         if not isinstance(prompt, str):
             token_ids = isinstance(prompt, int) or (isinstance(prompt, list) and prompt
                                                     and all(isinstance(t, int) for t in prompt))
-            raise OpenAIError("prompt", f"{where} must be a string, got {_kind(prompt)}"
+            raise OpenAIError("prompt", f"{where} must be a string, got {type_name(prompt)}"
                               + ("; prompts as token ids are not supported: send text" if token_ids else ""))
         if not prompt.strip():
             raise OpenAIError("prompt", f"{where} must not be empty or only whitespace")

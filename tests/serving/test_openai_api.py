@@ -228,6 +228,18 @@ def test_unreadable_bodies_are_400_in_openai_shape(handler, body, words):
     assert error["param"] in (None, "prompt") and error["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("field,value", [("temperature", 10**400), ("top_p", -(10**400)), ("temperature", "0.5"),
+                                         ("n", 2.0), ("echo", 1), ("seed", "7")],
+                         ids=["huge-temperature", "huge-negative-top_p", "string-temperature", "float-n", "integer-echo",
+                              "string-seed"])
+def test_mistyped_and_unrepresentable_numbers_are_400_naming_the_field(handler, field, value):
+    headers = {"Content-Type": "application/json", "url_path": "v1/completions"}
+    body = json.dumps({"prompt": "hi", "max_tokens": 2, field: value})
+    codes, bodies, _ = handler.frontend.serve([body.encode()], [headers])
+    error = json.loads(bodies[0])["error"]
+    assert codes == [400] and error["param"] == field and field in error["message"], error
+
+
 def test_a_content_length_past_4300_digits_is_not_a_fault(handler):
     headers = {"Content-Type": "application/json", "url_path": "v1/completions", "Content-Length": "9" * 5000}
     codes, bodies, _ = handler.frontend.serve([{"prompt": "hi", "max_tokens": 2}], [headers])
