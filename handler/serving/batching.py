@@ -256,17 +256,15 @@ class Batching:
 
     def _answer(self, index: int, job: Job, context) -> tuple[str, bool | None]:
         """A job's answer and its stop flag (False: the job stays open; True: a stream ends; None: plain)."""
-        context.set_response_content_type(index, _content_type(job))
         if not job.done:  # continuous batching: a chunk, and the job stays open
+            context.set_response_content_type(index, _content_type(job))
             answer = _chunk(job) if job.stream else ""
             job.opened = True
             return answer, False
         answer = self._final(index, job, context)
-        context.set_response_content_type(index, _content_type(job))
+        context.set_response_content_type(index, _content_type(job))  # after _final: an error may change it
         if job.generations:
-            self.jobs.pop(job.request_id, None)
-            for gen in job.generations:
-                self.engine.forget(gen.request_id)
+            self._drop(job.request_id, job)  # done: cancelling changes nothing, and its records are forgotten
         # a job that got chunks ends its stream ("false"); one answered at once gets a plain response
         return answer, True if job.opened else None
 

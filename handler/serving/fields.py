@@ -42,14 +42,18 @@ class RequestLimits:
     @classmethod
     def from_config(cls, raw: Mapping[str, Any] | None) -> "RequestLimits":
         raw = dict(raw or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"unknown handler.limits keys {unknown}; known: {sorted(known)}")
+        check_config_keys("handler.limits", raw, {f.name for f in fields(cls)})
         for name, value in raw.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"handler.limits.{name} must be a positive integer, got {value!r}")
         return cls(**raw)
+
+
+def check_config_keys(section: str, raw: Mapping[str, Any], known) -> None:
+    """ValueError naming the keys of model-config.yaml's `section` (e.g. handler.limits) that it does not know."""
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {section} keys {unknown}; known: {sorted(known)}")
 
 
 # ---- JSON readers: each returns the value in the engine's type or raises InvalidParameter naming the field ----
@@ -244,10 +248,7 @@ def params_from_request(request: Mapping[str, Any], *, defaults: GenerationParam
 def defaults_from_config(raw: Mapping[str, Any] | None, limits: RequestLimits) -> GenerationParams:
     """The operator's defaults (`handler.defaults`), each checked; ValueError naming the key."""
     raw = dict(raw or {})
-    allowed = sorted(f.name for f in FIELDS if f.configurable)
-    unknown = sorted(set(raw) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown handler.defaults keys {unknown}; known: {allowed}")
+    check_config_keys("handler.defaults", raw, {f.name for f in FIELDS if f.configurable})
     try:
         return _resolve(raw, GenerationParams(), limits, vocab_size=2**31, operator=True)
     except InvalidParameter as err:

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from handler.engine.params import GenerationParams
-from handler.serving.fields import RequestLimits, defaults_from_config
+from handler.serving.fields import RequestLimits, check_config_keys, defaults_from_config
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_RESPONSE_TIMEOUT_S = 120  # TorchServe's default_response_timeout
@@ -36,10 +36,7 @@ class PoolSettings:
     @classmethod
     def from_config(cls, raw: Mapping[str, Any] | None) -> "PoolSettings":
         raw = dict(raw or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"unknown handler.pool keys {unknown}; known: {sorted(known)}")
+        check_config_keys("handler.pool", raw, {f.name for f in fields(cls)})
         settings = cls(**raw)
         settings.check()
         return settings
@@ -81,11 +78,9 @@ class HandlerSettings:
         limits = RequestLimits.from_config(raw.pop("limits", None))
         defaults = defaults_from_config(raw.pop("defaults", None), limits)
         pool = PoolSettings.from_config(raw.pop("pool", None))
-        known = {f.name for f in fields(cls)} - {"pool", "defaults", "limits", "max_batch_size",
-                                                    "response_timeout_s", "continuous_batching"}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"unknown handler keys {unknown}; known: {sorted(known | {'limits', 'defaults', 'pool'})}")
+        # the sections were popped above; the frontend's keys are read from the top level, not from handler:
+        check_config_keys("handler", raw, {f.name for f in fields(cls)} - {"max_batch_size", "response_timeout_s",
+                                                                            "continuous_batching"})
         settings = cls(
             pool=pool,
             defaults=defaults,
