@@ -89,8 +89,12 @@ if [[ "$FOREGROUND" == 1 ]]; then
   DRAIN_MODEL="${REGISTER[0]:-${MODEL_NAME:-}}"
   torchserve "${ARGS[@]}" --foreground &
   TS_PID=$!
-  stop_server() {
-    torchserve --stop >/dev/null 2>&1 || kill "$TS_PID" 2>/dev/null || true
+  stop_server() {  # what `torchserve --stop` does (SIGTERM to the frontend), without its Python start-up
+    local frontend
+    frontend="$(cat "$RUN_DIR/tmp/.model_server.pid" 2>/dev/null || true)"
+    if [[ -n "$frontend" ]] && kill -TERM "$frontend" 2>/dev/null; then :; else
+      torchserve --stop >/dev/null 2>&1 || kill "$TS_PID" 2>/dev/null || true
+    fi
     wait "$TS_PID" || true
   }
   drain_and_stop() {
@@ -101,6 +105,7 @@ if [[ "$FOREGROUND" == 1 ]]; then
     if [[ -n "$DRAIN_MODEL" ]]; then
       ops drain --config "$CONFIG" --run-dir "$RUN_DIR" --model "$DRAIN_MODEL" --deadline "$deadline" || true
     fi
+    echo "stopping TorchServe"
     stop_server
     exit 0
   }

@@ -248,7 +248,8 @@ def _archive_with(tmp_path, line: str) -> tuple[str, str]:
     text = (REPO / "model-config.yaml").read_text()
     shipped = next(ln for ln in text.splitlines() if ln.strip().startswith("compile:"))
     config = tmp_path / "model-config.yaml"
-    config.write_text(text.replace(shipped, "  " + line))
+    # one decode shape (fixed): one compile, not one per bucket, on the test's 2 cores
+    config.write_text(text.replace(shipped, "  " + line).replace("decode_shapes: buckets", "decode_shapes: fixed"))
     assert yaml.safe_load(config.read_text())["handler"]["compile"] is True, "the docs' form is a YAML boolean"
     store = tmp_path / "store"
     name = f"{MODEL}-compiled"
@@ -293,8 +294,10 @@ def test_compiled_step_forced_on_works_under_the_read_only_root(run_container, t
 
 def test_a_compile_cache_it_cannot_write_falls_back_loudly(run_container, tmp_path):
     store, name = _archive_with(tmp_path, "compile: on")
-    readonly_cache = tmp_path / "cache"
-    readonly_cache.mkdir(mode=0o755)
+    readonly_cache = tmp_path / "cache"  # the image's folders, read-only: the pod's root without the volume
+    for sub in ("inductor", "triton"):
+        (readonly_cache / sub).mkdir(mode=0o755, parents=True)
+    readonly_cache.chmod(0o755)
     container = run_container(env={"MODEL_STORE": "/home/ts/models", "MODEL_NAME": name},
                               volumes=(f"{store}:/home/ts/models:ro",), compile_cache=str(readonly_cache))
     report, _ = _report_when_ready(container, name)
