@@ -5,16 +5,12 @@ The Python half of `scripts/serve.sh` and `scripts/stop.sh` (which stay the entr
     python -m gpt2ops.serverctl preflight --config C --run-dir R [--reuse]
     python -m gpt2ops.serverctl wait-up   --config C --run-dir R [--pid PID] [--launch-rc N] [--log-from BYTES]
     python -m gpt2ops.serverctl stop      --run-dir R [--timeout S]
-    python -m gpt2ops.serverctl drain     --config C --run-dir R --model M --deadline EPOCH_S
 
 `preflight` refuses to start a second server from the same run directory (saying which one runs and
 how to stop it; with `--reuse` a healthy one is reused: exit status 3) and checks every port of the
 config before TorchServe tries them, naming the process that holds a busy one. `wait-up` waits for
 /ping and watches the frontend process meanwhile: when it dies, the line of its output that says why
 is printed at once. `stop` returns only once the frontend and its workers are gone (bounded wait).
-`drain` (scripts/serve.sh on SIGTERM, after it wrote the worker's drain file: handler/serving/drain.py)
-returns once the model has no open request, twice in a row, or DRAIN_SETTLE_S after the deadline (by
-which the worker has ended what was still open); TorchServe is stopped after it.
 Every failure is one line (gpt2ops.errors).
 """
 
@@ -40,7 +36,6 @@ PID_FILE = Path("tmp") / ".model_server.pid"  # TMPDIR=<run-dir>/tmp for the lau
 REUSE = 3  # exit status of `preflight --reuse` when a healthy server from the run directory is reused
 HTTP_ADDRESSES = (("inference_address", "http://127.0.0.1:8080"), ("management_address", "http://127.0.0.1:8081"),
                   ("metrics_address", "http://127.0.0.1:8082"))
-DRAIN_SETTLE_S = 1.0  # after the deadline: the worker's final chunks go out
 GRPC_PORTS = (("grpc_inference_port", "grpc_inference_address", 7070),
               ("grpc_management_port", "grpc_management_address", 7071))
 
@@ -292,42 +287,13 @@ def stop(run_dir: Path, timeout: float = 60) -> int:
     return 0
 
 
-def open_requests(server: TorchServe, model: str) -> int | None:
-    """Requests the model's worker holds (open jobs, waiting requests), from its report; None if unknown."""
-    try:
-        load = server.report(model)["load"]
-        return int(load["jobs_open"]) + int(load["requests_waiting"])
-    except (OpsError, KeyError, TypeError, ValueError, OSError):
-        return None
-
-
-def drain(config: Path, run_dir: Path, model: str, deadline: float) -> int:
-    """Wait until `model` has no open request (twice in a row) or DRAIN_SETTLE_S past `deadline`."""
-    server = TorchServe.from_config(config, run_dir)
-    server.timeout = 2.0
-    start, quiet, left = time.time(), 0, None
-    while time.time() < deadline + DRAIN_SETTLE_S:
-        left = open_requests(server, model)
-        quiet = quiet + 1 if left == 0 else 0
-        if quiet >= 2:
-            print(f"drained: no request open after {time.time() - start:.1f} s", flush=True)
-            return 0
-        time.sleep(0.2)
-    print(f"drain: {'unknown' if left is None else left} request(s) still open {time.time() - start:.1f} s after "
-          f"the signal; stopping", flush=True)
-    return 0
-
-
 @cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("preflight", "wait-up", "stop", "drain"):
+    for name in ("preflight", "wait-up", "stop"):
         sub = commands.add_parser(name)
         sub.add_argument("--run-dir", type=Path, required=True)
-        if name == "drain":
-            sub.add_argument("--model", required=True)
-            sub.add_argument("--deadline", type=float, required=True, help="seconds since the epoch")
         if name != "stop":
             sub.add_argument("--config", type=Path, required=True)
         if name == "preflight":
@@ -342,8 +308,6 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.run_dir.resolve()
     if args.command == "preflight":
         return preflight(args.config, run_dir, args.reuse, args.timeout)
-    if args.command == "drain":
-        return drain(args.config, run_dir, args.model, args.deadline)
     if args.command == "wait-up":
         return wait_up(args.config, run_dir, args.timeout, args.pid, args.launch_rc, args.log_from)
     return stop(run_dir, args.timeout)

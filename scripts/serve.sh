@@ -19,8 +19,8 @@
 # $TS_START_TIMEOUT seconds (default 180) for /ping. Failures are one line: "error: <cause>; <next step>".
 #
 # --foreground: SIGTERM or SIGINT drains before it stops (handler/serving/drain.py): new requests get 503,
-# open ones finish or, $TS_DRAIN_SECONDS (default 7) after the signal, end with a final error chunk; then
-# `torchserve --stop`. Keep TS_DRAIN_SECONDS about 3 s under the grace period (`docker stop -t`, default 10;
+# open ones finish or, $TS_DRAIN_SECONDS (default 4) after the signal, end with a final error chunk; then
+# `torchserve --stop`. Keep TS_DRAIN_SECONDS 6 s under the grace period (`docker stop -t`, default 10;
 # the pod's terminationGracePeriodSeconds). The model drained: the first --register, else $MODEL_NAME.
 # $TS_LOG_CONFIG: a log4j2.xml for TorchServe (the image's: INFO, size-based rotation; log4j2.xml).
 set -euo pipefail
@@ -85,7 +85,7 @@ LOG_FROM=0  # ts_log.log grows across starts: only what this start writes counts
 
 if [[ "$FOREGROUND" == 1 ]]; then
   export GPT2_DRAIN_FILE="$RUN_DIR/tmp/draining"  # read by the workers (handler/serving/drain.py)
-  rm -f "$GPT2_DRAIN_FILE"
+  rm -f "$GPT2_DRAIN_FILE" "$GPT2_DRAIN_FILE.idle"
   DRAIN_MODEL="${REGISTER[0]:-${MODEL_NAME:-}}"
   torchserve "${ARGS[@]}" --foreground &
   TS_PID=$!
@@ -97,16 +97,33 @@ if [[ "$FOREGROUND" == 1 ]]; then
     fi
     wait "$TS_PID" || true
   }
+  # Drain (handler/serving/drain.py): the deadline goes into the drain file; the worker refuses new requests,
+  # ends what is still open at the deadline and writes <drain file>.idle once it holds nothing. An idle worker
+  # gets no call by itself: healthcheck.sh's report request pokes it every second. At most 2 s past the deadline.
   drain_and_stop() {
     trap '' TERM INT
-    local deadline
-    deadline="$(awk -v now="$(date +%s.%N)" -v s="${TS_DRAIN_SECONDS:-7}" 'BEGIN { printf "%.3f", now + s }')"
-    echo "$deadline" >"$GPT2_DRAIN_FILE"
-    if [[ -n "$DRAIN_MODEL" ]]; then
-      ops drain --config "$CONFIG" --run-dir "$RUN_DIR" --model "$DRAIN_MODEL" --deadline "$deadline" || true
-    fi
+    local now_us deadline_us poke_us=0
+    now_us="${EPOCHREALTIME/./}"
+    deadline_us=$((now_us + ${TS_DRAIN_SECONDS:-4} * 1000000))
+    rm -f "$GPT2_DRAIN_FILE.idle"
+    printf '%d.%06d\n' $((deadline_us / 1000000)) $((deadline_us % 1000000)) >"$GPT2_DRAIN_FILE"
+    while [[ ! -e "$GPT2_DRAIN_FILE.idle" ]]; do
+      now_us="${EPOCHREALTIME/./}"
+      if ((now_us >= deadline_us + 2000000)); then
+        echo "drain: requests still open 2 s past the deadline; stopping"
+        break
+      fi
+      if [[ -n "$DRAIN_MODEL" ]] && ((now_us >= poke_us)); then
+        "$REPO/scripts/healthcheck.sh" --run-dir "$RUN_DIR" --config "$CONFIG" --model "$DRAIN_MODEL" \
+          >/dev/null 2>&1 &
+        poke_us=$((now_us + 1000000))
+      fi
+      sleep 0.1
+    done
+    [[ -e "$GPT2_DRAIN_FILE.idle" ]] && echo "drained in $(( (${EPOCHREALTIME/./} - deadline_us) / 1000 + ${TS_DRAIN_SECONDS:-4} * 1000 )) ms"
     echo "stopping TorchServe"
     stop_server
+    echo "TorchServe stopped $(( (${EPOCHREALTIME/./} - deadline_us) / 1000 + ${TS_DRAIN_SECONDS:-4} * 1000 )) ms after the signal"
     exit 0
   }
   trap drain_and_stop TERM INT

@@ -122,11 +122,13 @@ class Batching:
         self.iteration_s = iteration_s
         self.jobs: dict[str, Job] = {}  # continuous batching: jobs open across calls
         self.drain = drain.Drain.from_env()  # shutting down: refuse new generations, end open ones at the deadline
+        self.refused_for_drain = False  # this call brought a generation request while draining
 
     # ---- 1. the jobs of this call ----
 
     def receive(self, data: list, context) -> list[Job]:
         ids = [context.request_ids[i] for i in range(len(data))]
+        self.refused_for_drain = False
         if self.continuous:
             for gone in set(self.jobs) - set(ids):
                 self._cancel(gone)
@@ -158,6 +160,7 @@ class Batching:
         if isinstance(routed, RequestError):
             return Job(request_id, error=routed)
         if (routed is None or isinstance(routed, Handoff)) and self.drain.draining():
+            self.refused_for_drain = True
             return Job(request_id, error=drain.REFUSED)
         if isinstance(routed, Handoff):  # another API's generation: it prepares and submits its own
             started = routed.start(request_id, entry, headers)
@@ -239,6 +242,7 @@ class Batching:
             out.append(answer)
             stop_flags.append(flag)
         self._set_stop_flags(context, stop_flags)
+        self.drain.after_call(len(self.jobs), self.refused_for_drain)
         return out
 
     def fail_all(self, count: int, context, err: BaseException) -> list[str]:

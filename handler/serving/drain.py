@@ -10,7 +10,9 @@ epoch) by which every open request must be answered. From then on:
 - past the deadline, each request still open is ended: a stream with a final error chunk (its status line
   went out with the first chunk), any other with a 503.
 
-serve.sh stops TorchServe once no job is open, or just after the deadline, so that nothing is cut off.
+After each call of the frontend that left no job open and brought no new generation request (which would
+mean the frontend still queues some), the worker writes `<drain file>.idle`: serve.sh stops TorchServe once
+it appears (it pokes an idle worker with a report request to get such a call), or shortly after the deadline.
 The file is looked at no more than every CHECK_EVERY_S.
 """
 
@@ -24,6 +26,7 @@ from handler.serving.errors import RequestError
 
 DRAIN_FILE_ENV = "GPT2_DRAIN_FILE"
 CHECK_EVERY_S = 0.1
+IDLE_SUFFIX = ".idle"  # written by the worker once it holds nothing while draining
 REFUSED = RequestError("body", "the server is shutting down and takes no new requests; retry (another replica "
                        "will answer)", status=503)
 ENDED = RequestError("body", "the server shut down before this request finished; retry it", status=503)
@@ -62,3 +65,12 @@ class Drain:
     def past_deadline(self) -> bool:
         """Open requests are ended now."""
         return self.draining() and time.time() >= self.deadline
+
+    def after_call(self, open_jobs: int, refused: bool) -> None:
+        """Tell serve.sh the worker is done once draining, with no job open and none refused in this call."""
+        if self.deadline is None or open_jobs or refused or self.path is None:
+            return
+        try:
+            self.path.with_name(self.path.name + IDLE_SUFFIX).write_text(f"{time.time():.3f}\n")
+        except OSError:
+            pass  # serve.sh stops at its deadline instead

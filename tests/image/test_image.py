@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ import requests
 import yaml
 
 from gpt2ops.client import parse_metric
+from tests.drain_streams import lost, start_streams, summary
 from tests.image.harness import FIGURES, MODEL, REPO, Container, wait_for
 
 pytestmark = pytest.mark.image
@@ -156,7 +156,7 @@ def test_logs_are_info_without_debug_or_metrics_lines(served):
     logs = served.logs()
     assert "[INFO" in logs, logs[-2000:]
     assert "[DEBUG" not in logs, [ln for ln in logs.splitlines() if "[DEBUG" in ln][:5]
-    metric_lines = [ln for ln in logs.splitlines() if "[METRICS]" in ln or "ts_metrics" in ln.lower()]
+    metric_lines = [ln for ln in logs.splitlines() if "[METRICS]" in ln or "Backend response time" in ln]
     assert not metric_lines, metric_lines[:5]
     rolled = served.engine.docker("exec", served.name, "sh", "-c", "ls /home/ts/app/run/logs").stdout.split()
     assert {"ts_log.log", "model_log.log", "model_metrics.log"} <= set(rolled), rolled
@@ -173,55 +173,9 @@ def test_grpc_ports_come_from_the_config(served):
 # ---- docker stop with streams in flight (fault 5): runs last on this container ----
 
 
-@dataclass
-class StreamOutcome:
-    status: int | None = None
-    lines: int = 0
-    last: dict | None = None
-    error: str | None = None  # a reset or a cut stream
-
-    @property
-    def kind(self) -> str:
-        if self.error:
-            return "reset"
-        if self.status == 200 and self.last and "finish_reason" in self.last:
-            return "finished"
-        if self.status == 200 and self.last and self.last.get("code") == 503:
-            return "ended with an error chunk"
-        if self.status == 503 and self.last and self.last.get("code") == 503:
-            return "refused (503)"
-        return "cut"
-
-
-def _stream(container: Container, key: str, out: StreamOutcome, started: threading.Event) -> None:
-    try:
-        with predict(container, key, {"prompt": "你是谁?", "max_new_tokens": 256, "ignore_eos": True,
-                                      "stream": True}, stream=True, timeout=60) as r:
-            out.status = r.status_code
-            buffer = b""
-            for chunk in r.iter_content(chunk_size=None):
-                started.set()
-                buffer += chunk
-                *complete, buffer = buffer.split(b"\n")
-                for line in filter(None, (c.strip() for c in complete)):
-                    out.lines += 1
-                    out.last = json.loads(line)
-            if buffer.strip():
-                out.lines += 1
-                out.last = json.loads(buffer)
-    except (requests.RequestException, ValueError) as err:
-        out.error = f"{type(err).__name__}: {err}"
-    finally:
-        started.set()
-
-
 def test_docker_stop_with_streams_in_flight_loses_nothing(served):
-    outcomes = [StreamOutcome() for _ in range(STREAMS)]
-    events = [threading.Event() for _ in range(STREAMS)]
-    threads = [threading.Thread(target=_stream, args=(served, served.inference_key, o, e), daemon=True)
-               for o, e in zip(outcomes, events)]
-    for thread in threads:
-        thread.start()
+    outcomes, events, threads = start_streams(f"{served.inference}/predictions/{MODEL}", served.inference_key,
+                                              STREAMS)
     assert events[0].wait(30), "no stream started"
     time.sleep(0.3)
     start = time.monotonic()
@@ -230,12 +184,12 @@ def test_docker_stop_with_streams_in_flight_loses_nothing(served):
     for thread in threads:
         thread.join(30)
     exit_code = served.inspect("{{.State.ExitCode}}")
-    kinds = [o.kind for o in outcomes]
-    summary = {k: kinds.count(k) for k in sorted(set(kinds))}
-    FIGURES["docker stop with 12 streams"] = f"{stop_s:.1f} s (grace {STOP_TIMEOUT_S} s; exit {exit_code}); {summary}"
-    bad = [(o.kind, o.status, o.lines, o.error or o.last) for o in outcomes if o.kind in ("reset", "cut")]
-    assert not bad, f"streams lost: {bad}"
-    assert summary.get("finished", 0) + summary.get("ended with an error chunk", 0) >= 8, summary
+    got = summary(outcomes)
+    drained = [ln for ln in served.logs().splitlines() if ln.startswith(("drained", "drain:"))]
+    FIGURES["docker stop with 12 streams"] = (f"{stop_s:.1f} s (grace {STOP_TIMEOUT_S} s; exit {exit_code}; "
+                                              f"{'; '.join(drained)}); {got}")
+    assert not lost(outcomes), f"streams lost: {lost(outcomes)}"
+    assert got.get("finished", 0) + got.get("ended with an error chunk", 0) >= 8, got
     assert exit_code != "137", f"killed at the end of the grace period ({stop_s:.1f} s): the drain overran it"
     assert stop_s < STOP_TIMEOUT_S, f"stop took {stop_s:.1f} s"
 
@@ -248,8 +202,10 @@ def _archive_with(tmp_path, line: str) -> tuple[str, str]:
     text = (REPO / "model-config.yaml").read_text()
     shipped = next(ln for ln in text.splitlines() if ln.strip().startswith("compile:"))
     config = tmp_path / "model-config.yaml"
-    # one decode shape (fixed): one compile, not one per bucket, on the test's 2 cores
-    config.write_text(text.replace(shipped, "  " + line).replace("decode_shapes: buckets", "decode_shapes: fixed"))
+    # one slot: one compiled shape (handler.engine.compiled.fast_shapes), not three, on the test's 2 cores
+    assert "# max_slots: 8" in text
+    config.write_text(text.replace(shipped, "  " + line).replace("# max_slots: 8", "max_slots: 1 "))
+    assert yaml.safe_load(config.read_text())["handler"]["pool"]["max_slots"] == 1
     assert yaml.safe_load(config.read_text())["handler"]["compile"] is True, "the docs' form is a YAML boolean"
     store = tmp_path / "store"
     name = f"{MODEL}-compiled"

@@ -36,3 +36,19 @@ def test_the_file_is_seen_once_written_and_looked_at_no_more_than_every_check(tm
     path.write_text(str(time.time() + 5))
     assert not drain.draining(now=100.05), "looked again within CHECK_EVERY_S"
     assert drain.draining(now=100.2)
+
+
+@pytest.mark.parametrize("draining, open_jobs, refused, idle", [
+    (False, 0, False, False),  # not draining: never idle
+    (True, 2, False, False),  # jobs still open
+    (True, 0, True, False),  # this call brought a generation request: the frontend may queue more
+    (True, 0, False, True),  # nothing held, nothing new: serve.sh may stop TorchServe
+])
+def test_idle_marker_only_when_nothing_is_held(tmp_path, draining, open_jobs, refused, idle):
+    path = tmp_path / "draining"
+    if draining:
+        path.write_text(str(time.time() + 5))
+    drain = Drain(path)
+    drain.draining()
+    drain.after_call(open_jobs, refused)
+    assert (tmp_path / "draining.idle").exists() == idle
