@@ -53,6 +53,12 @@ def _stream(url: str, key: str | None, payload: dict, out: StreamOutcome, starte
         started.set()
 
 
+def long_stream(report: dict) -> dict:
+    """LONG_STREAM, with no more tokens than the worker admits within its timeout (its report says how many:
+    on a busy machine the warm-up's step time lowers it)."""
+    return {**LONG_STREAM, "max_new_tokens": min(LONG_STREAM["max_new_tokens"], report["max_new_tokens_within_timeout"])}
+
+
 def start_streams(url: str, key: str | None, count: int, payload: dict = LONG_STREAM):
     """`count` streamed generations in threads; returns (outcomes, started events, threads)."""
     outcomes = [StreamOutcome() for _ in range(count)]

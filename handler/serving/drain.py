@@ -68,7 +68,7 @@ class Drain:
 
     def after_call(self, open_jobs: int, refused: bool) -> None:
         """Tell serve.sh the worker is done once draining, with no job open and none refused in this call."""
-        if self.deadline is None or open_jobs or refused or self.path is None:
+        if not self.draining() or open_jobs or refused:  # a call of report requests only may be the first look
             return
         try:
             self.path.with_name(self.path.name + IDLE_SUFFIX).write_text(f"{time.time():.3f}\n")

@@ -17,7 +17,7 @@ import requests
 
 from gpt2ops.client import TorchServe, read_keys
 from gpt2ops.local_server import script_env, write_config
-from tests.drain_streams import lost, start_streams, summary
+from tests.drain_streams import long_stream, lost, start_streams, summary
 from tests.e2e.conftest import MODEL
 from gpt2ops import REPO
 
@@ -57,7 +57,7 @@ def test_sigterm_drains_streams_in_flight_and_refuses_new_requests(foreground):
     proc, client = foreground
     key = read_keys(client.key_file)["inference"]
     url = f"{client.inference_url}/predictions/{MODEL}"
-    outcomes, events, threads = start_streams(url, key, STREAMS)
+    outcomes, events, threads = start_streams(url, key, STREAMS, long_stream(client.report(MODEL)))
     assert events[0].wait(60), "no stream started"
     time.sleep(0.3)
     start = time.monotonic()

@@ -83,7 +83,10 @@ def run_container(engine, image, tmp_path_factory):
     """run_container(env=..., volumes=[...], compile_cache=True) -> Container, run as the pod runs it."""
     made: list[str] = []
 
-    def run(env: dict | None = None, volumes: tuple[str, ...] = (), compile_cache: str | None = "tmpfs") -> Container:
+    def run(env: dict | None = None, volumes: tuple[str, ...] = (), compile_cache: str | None = "tmpfs",
+            pod_start: str | None = None) -> Container:
+        """pod_start=NAME: started as the pod starts it (serve.sh --foreground, NAME.mar loaded at start by
+        load_models, no registration call, whose client gives up after 300 s); else the image's command."""
         ports = dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS))))
         config_dir = tmp_path_factory.mktemp("ts-config")
         props = (REPO / "config.properties").read_text()
@@ -91,6 +94,8 @@ def run_container(engine, image, tmp_path_factory):
         for line in props.splitlines():
             key = line.split("=", 1)[0].strip()
             lines.append(f"{key}={PORT_KEYS[key].format(ports[key])}" if key in PORT_KEYS else line)
+        if pod_start:
+            lines.append(f"load_models={pod_start}.mar")
         (config_dir / "config.properties").write_text("\n".join(lines) + "\n")
         assert set(PORT_KEYS) <= set(parse_properties((config_dir / "config.properties").read_text()))
         config_dir.chmod(0o755)
@@ -111,7 +116,8 @@ def run_container(engine, image, tmp_path_factory):
         for volume in volumes:
             args += ["-v", volume]
         started = time.monotonic()
-        engine.docker(*args, image, timeout=120)
+        command = ["/home/ts/app/scripts/serve.sh", "--foreground"] if pod_start else []
+        engine.docker(*args, image, *command, timeout=120)
         made.append(name)
         return Container(engine, name, ports, started)
 

@@ -19,7 +19,7 @@ import requests
 import yaml
 
 from gpt2ops.client import parse_metric
-from tests.drain_streams import lost, start_streams, summary
+from tests.drain_streams import long_stream, lost, start_streams, summary
 from tests.image.harness import FIGURES, MODEL, REPO, Container, wait_for
 
 pytestmark = pytest.mark.image
@@ -28,6 +28,7 @@ START_TIMEOUT_S = 240
 HEALTH_INTERVAL_S = 5  # the Dockerfile's HEALTHCHECK --interval
 STOP_TIMEOUT_S = 10  # docker stop's default grace period
 STREAMS = 12
+COMPILED_START_TIMEOUT_S = 900  # compiling on 2 busy cores: 38 s to several minutes
 
 
 def predict(container: Container, key: str | None, payload: dict, **kw) -> requests.Response:
@@ -174,8 +175,10 @@ def test_grpc_ports_come_from_the_config(served):
 
 
 def test_docker_stop_with_streams_in_flight_loses_nothing(served):
+    report = requests.get(f"{served.inference}/predictions/{MODEL}/1.0/describe",
+                          headers={"Authorization": f"Bearer {served.inference_key}"}, timeout=30).json()
     outcomes, events, threads = start_streams(f"{served.inference}/predictions/{MODEL}", served.inference_key,
-                                              STREAMS)
+                                              STREAMS, long_stream(report))
     assert events[0].wait(30), "no stream started"
     time.sleep(0.3)
     start = time.monotonic()
@@ -202,9 +205,11 @@ def _archive_with(tmp_path, line: str) -> tuple[str, str]:
     text = (REPO / "model-config.yaml").read_text()
     shipped = next(ln for ln in text.splitlines() if ln.strip().startswith("compile:"))
     config = tmp_path / "model-config.yaml"
-    # one slot: one compiled shape (handler.engine.compiled.fast_shapes), not three, on the test's 2 cores
-    assert "# max_slots: 8" in text
-    config.write_text(text.replace(shipped, "  " + line).replace("# max_slots: 8", "max_slots: 1 "))
+    # one slot: one compiled shape (handler.engine.compiled.fast_shapes), not three, and no warm-up, on the test's
+    # 2 cores; the start may take minutes on a busy machine (startupTimeout)
+    assert "# max_slots: 8" in text and "warmup: true" in text and "startupTimeout: 300" in text
+    config.write_text(text.replace(shipped, "  " + line).replace("# max_slots: 8", "max_slots: 1 ")
+                      .replace("warmup: true", "warmup: false").replace("startupTimeout: 300", "startupTimeout: 900"))
     assert yaml.safe_load(config.read_text())["handler"]["pool"]["max_slots"] == 1
     assert yaml.safe_load(config.read_text())["handler"]["compile"] is True, "the docs' form is a YAML boolean"
     store = tmp_path / "store"
@@ -228,13 +233,13 @@ def _report_when_ready(container: Container, model: str) -> dict:
         except requests.RequestException:
             return None
         return (r.json(), key) if r.status_code == 200 else None
-    return wait_for(ready, START_TIMEOUT_S + 120, every=1.0, what=f"{model}'s report")
+    return wait_for(ready, COMPILED_START_TIMEOUT_S, every=2.0, what=f"{model}'s report")
 
 
 def test_compiled_step_forced_on_works_under_the_read_only_root(run_container, tmp_path):
     store, name = _archive_with(tmp_path, "compile: on   # unquoted, as the README writes it")
     container = run_container(env={"MODEL_STORE": "/home/ts/models", "MODEL_NAME": name},
-                              volumes=(f"{store}:/home/ts/models:ro",))
+                              volumes=(f"{store}:/home/ts/models:ro",), pod_start=name)
     assert container.inspect("{{.HostConfig.ReadonlyRootfs}}") == "true"
     (report, key), started = _report_when_ready(container, name), container.started_at
     FIGURES["compiled container: first report"] = f"{time.monotonic() - started:.1f} s after docker run"
@@ -255,7 +260,8 @@ def test_a_compile_cache_it_cannot_write_falls_back_loudly(run_container, tmp_pa
         (readonly_cache / sub).mkdir(mode=0o755, parents=True)
     readonly_cache.chmod(0o755)
     container = run_container(env={"MODEL_STORE": "/home/ts/models", "MODEL_NAME": name},
-                              volumes=(f"{store}:/home/ts/models:ro",), compile_cache=str(readonly_cache))
+                              volumes=(f"{store}:/home/ts/models:ro",), compile_cache=str(readonly_cache),
+                              pod_start=name)
     report, _ = _report_when_ready(container, name)
     step = report["decode_step"]
     assert (step["path"], step["fell_back"]) == ("eager", True), step
