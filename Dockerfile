@@ -14,9 +14,17 @@
 # is the host-side publish to 127.0.0.1. Never publish 8081 (management: register/unregister/scale)
 # beyond localhost, and put a TLS proxy in front of 8080 before exposing it.
 #
-# GPU: torch 2.11.0 built for CUDA 12.8 (its CUDA runtime comes in the nvidia-* wheels). The host needs an
-# NVIDIA driver of branch R570 or newer (CUDA 12.8; R525+ runs it through CUDA minor-version compatibility)
-# and the NVIDIA Container Toolkit for `--gpus`.
+# Ports (all from the config file, TS_CONFIG): 8080 inference, 8081 management, 8082 metrics, and TorchServe's
+# gRPC 7070 (inference) and 7071 (management), unused here and bound to the container's loopback. Two servers on
+# one network namespace (--network=host) need a config of their own with other ports: mount it and point
+# TS_CONFIG at it (`make image-test` does, with free loopback ports).
+#
+# GPU: torch 2.13.0 (the version the tests run, requirements.txt) as PyPI ships it for Linux x86-64: built for
+# CUDA 13.0, its CUDA runtime in the nvidia-*/cuda-toolkit wheels. The host needs an NVIDIA driver of branch
+# R580 or newer (CUDA 13.0), a GPU of compute capability 7.5 (Turing) or newer (CUDA 13 dropped Maxwell,
+# Pascal and Volta), and the NVIDIA Container Toolkit for `--gpus`. TORCH_INDEX_URL selects another wheel
+# source (e.g. https://download.pytorch.org/whl/cu126 for an older driver) with TORCH_CUDA its CUDA version;
+# the build fails when the installed torch is not that CUDA build.
 
 # ---------------------------------------------------------------------------------------------------------
 # Stage 1: build model_store/<MODEL_NAME>.mar with the repo's own scripts/archive.sh (no torch needed).
@@ -46,9 +54,10 @@ LABEL org.opencontainers.image.title="gpt2-contrastive-serve" \
       org.opencontainers.image.base.name="docker.io/library/python:3.11-slim-bookworm"
 
 # Java 17 for TorchServe's frontend, curl for scripts/healthcheck.sh, tini as PID 1 (forwards SIGTERM
-# to scripts/serve.sh, which stops TorchServe cleanly, and reaps orphaned worker processes). gcc and
-# libc6-dev for the compiled decode step (handler.compile: auto): Triton builds a small C launcher the first
-# time it compiles a kernel, and the slim base has no C compiler (Python's headers are in the base image).
+# to scripts/serve.sh, which drains and then stops TorchServe, and reaps orphaned worker processes). gcc, g++
+# and libc6-dev for the compiled decode step: on a GPU Triton builds a small C launcher the first time it
+# compiles a kernel (gcc; Python's headers are in the base image); on the CPU (compile: on) Inductor writes and
+# builds C++ (g++). The slim base has no compiler.
 # The man1 folder works around openjdk's postinst on slim images, which drop /usr/share/man.
 # DL3008 (pin apt versions) is ignored on purpose: Debian's mirrors keep only the current, security-patched
 # version of each package, so an exact pin such as openjdk-17-jre-headless=17.0.x+y-1~deb12u1 stops
@@ -57,38 +66,50 @@ LABEL org.opencontainers.image.title="gpt2-contrastive-serve" \
 # hadolint ignore=DL3008
 RUN mkdir -p /usr/share/man/man1 \
     && apt-get update \
-    && apt-get install -y --no-install-recommends openjdk-17-jre-headless curl tini gcc libc6-dev \
+    && apt-get install -y --no-install-recommends openjdk-17-jre-headless curl tini gcc g++ libc6-dev \
     && apt-get clean \
     && rm -rf /var/lib/apt/lists/* \
-    && java -version \
-    && gcc --version
+    && java -XX:-UsePerfData -version \
+    && gcc --version \
+    && g++ --version \
+    && rm -rf /tmp/hsperfdata_root
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PYTHONDONTWRITEBYTECODE=1
 
-# torch first, from the PyTorch CUDA 12.8 wheel index only (never a CPU wheel from PyPI; the assert fails the
-# build otherwise), then the serving pins, which find torch already satisfied.
+# torch first, from TORCH_INDEX_URL only (default PyPI, which every user reaches; its x86-64 torch==2.13.0 is the
+# CUDA 13.0 build), never a CPU build: the assert fails the build when torch is not the TORCH_CUDA build. Then the
+# serving pins, which find torch already satisfied. The version is requirements.txt's (tests/test_dockerfile.py).
+ARG TORCH_INDEX_URL=https://pypi.org/simple
+ARG TORCH_CUDA=13.0
+LABEL org.pytorch.version="2.13.0" \
+      com.nvidia.cuda.version="${TORCH_CUDA}" \
+      com.nvidia.driver.min="R580 (CUDA 13.0; 7.5+ compute capability) with the default TORCH_INDEX_URL"
 COPY requirements-serve.txt /tmp/requirements-serve.txt
-RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cu128 torch==2.11.0 \
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
     && pip install --no-cache-dir -r /tmp/requirements-serve.txt \
     && pip check \
-    && python -c "import torch; assert torch.version.cuda and torch.version.cuda.startswith('12.8'), torch.version.cuda" \
+    && python -c "import sys, torch; cuda = torch.version.cuda; sys.exit(0 if cuda and cuda.startswith(sys.argv[1]) else f'torch {torch.__version__} is not a CUDA {sys.argv[1]} build: {cuda}')" "${TORCH_CUDA}" \
     && rm /tmp/requirements-serve.txt
 
 # Non-root user ts (uid 1000; USER below names it by number so that runAsNonRoot-style checks can
 # verify it). The application files stay owned by root (read-only to the server), only the run
 # directory (keys, logs, pid file, worker sockets, extracted archives) and $HOME are the user's.
 RUN useradd --create-home --uid 1000 --user-group --shell /usr/sbin/nologin ts
-# The compile caches (Inductor's generated code and FX graphs, Triton's kernels) where user ts can write:
-# a worker's first start compiles the decode step (tens of seconds per shape); a restart that finds the
-# cache compiles in seconds. Mount a volume there to keep it across containers:
-#   docker run ... -v gpt2-compile-cache:/home/ts/.cache/compile gpt2-contrastive-serve
+# The compile caches (Inductor's generated code and FX graphs, Triton's kernels) on a volume of their own, the
+# one place under the read-only root (docker run --read-only, the pod's readOnlyRootFilesystem) where the
+# compiled step can write: a worker's first start compiles the decode step (tens of seconds per shape); a
+# restart that finds the cache compiles in seconds. VOLUME makes `docker run` give it an anonymous volume;
+# name one to keep it across containers (-v gpt2-compile-cache:/home/ts/.cache/compile); the Kubernetes
+# overlays mount an emptyDir named compile-cache there. Without a writable cache the compiled step falls back
+# to eager, with a WARNING and the cause in the model's describe report and the DecodeStep metric.
 RUN mkdir -p /home/ts/.cache/compile/inductor /home/ts/.cache/compile/triton \
     && chown -R 1000:1000 /home/ts/.cache
+VOLUME ["/home/ts/.cache/compile"]
 WORKDIR /home/ts/app
 COPY handler/ handler/
 COPY gpt2ops/ gpt2ops/
 COPY scripts/ scripts/
-COPY config.properties model-config.yaml ./
+COPY config.properties model-config.yaml log4j2.xml ./
 COPY --from=archive /build/model_store/${MODEL_NAME}.mar model_store/
 
 # The container's TorchServe configuration, derived from the repo's config.properties: only the three
@@ -112,20 +133,27 @@ ENV MODEL_NAME=${MODEL_NAME} \
     TORCHINDUCTOR_CACHE_DIR=/home/ts/.cache/compile/inductor \
     TRITON_CACHE_DIR=/home/ts/.cache/compile/triton \
     PYTHONUNBUFFERED=1 \
-    PYTHONPATH=/home/ts/app
+    PYTHONPATH=/home/ts/app \
+    TS_LOG_CONFIG=/home/ts/app/log4j2.xml \
+    TS_DRAIN_SECONDS=4
 
 USER 1000:1000
 
 # 8080 inference, 8081 management, 8082 metrics: publish them on 127.0.0.1 only (see the top of this file).
 EXPOSE 8080 8081 8082
 
-# /ping with the inference key read from $RUN_DIR/key_file.json. The start period covers loading and
-# warming up the largest model this image is meant for (3.5B parameters in fp16).
-HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \
+# Healthy means ready: scripts/healthcheck.sh passes only once the model's worker answers a request
+# (/ping alone is Healthy while the model is still loading). Every 5 s, so that `healthy` follows the first
+# answer within seconds (Docker 20.10 has no --start-interval); the start period covers loading and warming
+# up the largest model this image is meant for (3.5B parameters in fp16) and compiling the decode step.
+HEALTHCHECK --interval=5s --timeout=5s --start-period=300s --retries=3 \
     CMD ["/home/ts/app/scripts/healthcheck.sh"]
 
 # scripts/serve.sh, as in the end-to-end tests: TorchServe in the foreground, the archive registered
-# through the management API with the management key once the server is healthy; SIGTERM (docker stop)
-# runs `torchserve --stop`. bash -c only expands $MODEL_NAME and then execs serve.sh (tini's child).
+# through the management API with the management key once the server is healthy. SIGTERM (docker stop)
+# drains: new requests get 503, open streams finish or, TS_DRAIN_SECONDS (4) after the signal, end with a
+# final error chunk; then `torchserve --stop`. Keep TS_DRAIN_SECONDS 6 s under `docker stop -t` (default 10):
+# the wait past the deadline (at most 2 s) and the frontend's own stop (about 3 s measured here) follow it.
+# bash -c only expands $MODEL_NAME and then execs serve.sh (tini's child).
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["/bin/bash", "-c", "exec /home/ts/app/scripts/serve.sh --foreground --register \"${MODEL_NAME}\""]

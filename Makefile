@@ -8,6 +8,12 @@
 # make gpu-report  (a machine with an NVIDIA GPU, PyTorch and transformers; no TorchServe, no network) installs
 #            .whl/ into throwaway folders, runs the GPU tests, memory, speed and the self-check, and writes
 #            gpu-report.md and gpu-report.json within 8 minutes; exit 1 when a check fails, 2 without CUDA
+# make image  builds the serving image as users build it (docker build; the Docker engine on DOCKER_HOST);
+#            IMAGE_MODEL_DIR / IMAGE_MODEL_NAME: the saved model built in (default: the tiny model)
+# make image-test  builds the image and runs it for real (tests/image): a private dockerd is started when none
+#            answers (and stopped after), a stand-in base is made with debootstrap when the real one cannot be
+#            pulled; prints build time, image size, cold start to the first answer and the stop time. Needs root
+#            (Debian's docker.io and debootstrap are installed when missing) and ~15 GB of disk; not part of make test
 # make quality  repetition and diversity of each decoding mode on the tiny model (benchmarks/quality.py)
 # make soak  20,000 mixed requests (hang-ups and bad ones included) against a fresh server, the worker's memory
 #            and open files sampled (benchmarks/soak.py; CI runs 3,000 in tests/e2e/test_soak.py)
@@ -25,7 +31,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: run stop test venv model archive serve register query bench bench-hf quality soak clean system-packages gpu-wheels gpu-report
+.PHONY: image image-test image-packages image-check run stop test venv model archive serve register query bench bench-hf quality soak clean system-packages gpu-wheels gpu-report
 
 $(BIN)/.installed: requirements.txt requirements-k8s-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +83,28 @@ stop:
 
 test: venv
 	$(BIN)/python -m pytest -q tests
+
+# Debian's Docker engine (dockerd, run as root on a private socket by the image test) and debootstrap (the
+# stand-in base where no registry answers). Installed only when missing, as `system-packages` does.
+image-packages:
+	@if command -v dockerd >/dev/null && command -v docker >/dev/null && command -v debootstrap >/dev/null; then :; else \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io debootstrap; \
+	fi
+
+IMAGE_TAG ?= gpt2-contrastive-serve
+IMAGE_MODEL_DIR ?= $(MODEL_DIR)
+IMAGE_MODEL_NAME ?= $(MODEL_NAME)
+image: model
+	docker build -t $(IMAGE_TAG) --build-arg MODEL_DIR=$(IMAGE_MODEL_DIR) --build-arg MODEL_NAME=$(IMAGE_MODEL_NAME) .
+
+# exit 0 when the image test can run here, else one line saying why (.ci/run)
+image-check: venv
+	@$(MAKE) -s image-packages >/dev/null 2>&1 || { echo "cannot install docker.io and debootstrap (apt-get as root)"; exit 1; }
+	@$(BIN)/python -m tests.image.docker_engine
+
+image-test: venv model image-packages
+	$(BIN)/python -m pytest -q -m image tests/image
 
 bench: venv
 	$(BIN)/python -m benchmarks.decode

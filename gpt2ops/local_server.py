@@ -87,10 +87,8 @@ class Server:
                        capture_output=True, timeout=120)
 
 
-def start_server(root: Path, store: Path, **properties) -> Server:
-    """A TorchServe on free loopback ports with the repo's config.properties (+ `properties`)."""
-    run_dir = root / "run"
-    run_dir.mkdir(parents=True, exist_ok=True)
+def write_config(root: Path, **properties) -> Path:
+    """root/config.properties: the repo's, on free loopback ports (gRPC too), with `properties` set."""
     text = (REPO / "config.properties").read_text()
     addresses = {
         "inference_address": f"http://127.0.0.1:{free_port()}",
@@ -105,6 +103,14 @@ def start_server(root: Path, store: Path, **properties) -> Server:
             text += f"\n{key}={value}\n"
     config = root / "config.properties"
     config.write_text(text)
+    return config
+
+
+def start_server(root: Path, store: Path, **properties) -> Server:
+    """A TorchServe on free loopback ports with the repo's config.properties (+ `properties`)."""
+    run_dir = root / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = write_config(root, **properties)
     proc = subprocess.run([str(REPO / "scripts" / "serve.sh"), "--config", str(config), "--model-store", str(store),
                            "--run-dir", str(run_dir)], env=script_env(), capture_output=True, text=True, timeout=240)
     if proc.returncode != 0:  # serve.sh's one line: the cause and the next step

@@ -43,7 +43,7 @@ from handler.memory.plan import ModelShape
 from handler.serving.admission import Admission
 from handler.serving.batching import Batching
 from handler.serving.loading import load_model, worker_device
-from handler.serving.metrics import EngineMetrics, publish_memory
+from handler.serving.metrics import EngineMetrics, publish_decode_step, publish_memory
 from handler.serving.openai_api import PREFIX as OPENAI_PREFIX, OpenAIApi
 from handler.serving.pool import plan_pool
 from handler.serving.preparation import Preparation
@@ -75,6 +75,7 @@ class ContrastiveGPT2Handler(BaseHandler):
                              fixed_shapes=settings.pool.decode_shapes == "fixed")
         self.ledger.mark("pool")
         self.fast_path = enable_fast_path(self.engine, settings.compile)
+        self.fast_path_outcome = publish_decode_step(context, self.fast_path)  # WARNING + metric when it fell back
         self.ledger.mark("graphs", graph_pool=self.fast_path.graph_pool)
         self.admission = Admission(settings.limits, model.n_positions, pool,
                                    self.engine.pool.nbytes() // (pool.max_slots * pool.max_len),
@@ -141,7 +142,7 @@ class ContrastiveGPT2Handler(BaseHandler):
             "dtype": str(self.loaded.model.dtype).replace("torch.", ""),
             "scheduling": "continuous" if self.settings.continuous_batching else "run to completion",
             "decode_step": {"live": self.engine.step_path, "dropped_while_serving": self.engine.step_error,
-                            **self.fast_path.as_dict()},
+                            **self.fast_path.as_dict(), **self.fast_path_outcome},
             "pool": {"max_slots": pool.max_slots, "max_len": pool.max_len, "max_top_k": pool.max_top_k,
                      "candidate_positions": pool.candidates,
                      "decode_shapes": self.settings.pool.decode_shapes},

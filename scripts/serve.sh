@@ -5,7 +5,7 @@
 #   scripts/serve.sh                                  # background; returns once /ping is Healthy
 #   scripts/serve.sh --register tiny-gpt2             # ... and registers model_store/tiny-gpt2.mar
 #   scripts/serve.sh --reuse --register tiny-gpt2     # reuse a healthy server from the run dir (make run)
-#   scripts/serve.sh --foreground --register NAME     # stays in the foreground (Docker); SIGTERM stops it
+#   scripts/serve.sh --foreground --register NAME     # stays in the foreground (Docker); SIGTERM drains, stops
 #   scripts/serve.sh --config FILE --model-store DIR --run-dir DIR
 #
 # Everything the server writes lives in the run directory (default run/): key_file.json (the keys),
@@ -17,6 +17,12 @@
 # of the config is free, naming the program that holds a busy one. While TorchServe starts it is
 # watched: when it stops, the line of its output that says why is printed at once. Waits at most
 # $TS_START_TIMEOUT seconds (default 180) for /ping. Failures are one line: "error: <cause>; <next step>".
+#
+# --foreground: SIGTERM or SIGINT drains before it stops (handler/serving/drain.py): new requests get 503,
+# open ones finish or, $TS_DRAIN_SECONDS (default 4) after the signal, end with a final error chunk; then
+# `torchserve --stop`. Keep TS_DRAIN_SECONDS 6 s under the grace period (`docker stop -t`, default 10;
+# the pod's terminationGracePeriodSeconds). The model drained: the first --register, else $MODEL_NAME.
+# $TS_LOG_CONFIG: a log4j2.xml for TorchServe (the image's: INFO, size-based rotation; log4j2.xml).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -72,19 +78,59 @@ cd "$RUN_DIR"
 export TMPDIR="$RUN_DIR/tmp" TEMP="$RUN_DIR/tmp" LOG_LOCATION="$RUN_DIR/logs" METRICS_LOCATION="$RUN_DIR/logs"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ARGS=(--start --ncs --ts-config "$CONFIG" --model-store "$MODEL_STORE")
+[[ -n "${TS_LOG_CONFIG:-}" ]] && ARGS+=(--log-config "$TS_LOG_CONFIG")
 LOG_FROM=0  # ts_log.log grows across starts: only what this start writes counts
 [[ -f "$RUN_DIR/logs/ts_log.log" ]] && LOG_FROM="$(wc -c <"$RUN_DIR/logs/ts_log.log")"
 : >"$RUN_DIR/logs/torchserve.out"
 
 if [[ "$FOREGROUND" == 1 ]]; then
-  if [[ ${#REGISTER[@]} -eq 0 ]]; then
-    exec torchserve "${ARGS[@]}" --foreground
-  fi
+  export GPT2_DRAIN_FILE="$RUN_DIR/tmp/draining"  # read by the workers (handler/serving/drain.py)
+  rm -f "$GPT2_DRAIN_FILE" "$GPT2_DRAIN_FILE.idle"
+  DRAIN_MODEL="${REGISTER[0]:-${MODEL_NAME:-}}"
   torchserve "${ARGS[@]}" --foreground &
   TS_PID=$!
-  trap 'torchserve --stop >/dev/null 2>&1 || kill "$TS_PID" 2>/dev/null; wait "$TS_PID"; exit 0' TERM INT
-  if ! ops wait-up --config "$CONFIG" --run-dir "$RUN_DIR" --pid "$TS_PID" --log-from "$LOG_FROM" || ! register_all; then
-    torchserve --stop >/dev/null 2>&1 || kill "$TS_PID" 2>/dev/null || true
+  stop_server() {  # what `torchserve --stop` does (SIGTERM to the frontend), without its Python start-up
+    local frontend
+    frontend="$(cat "$RUN_DIR/tmp/.model_server.pid" 2>/dev/null || true)"
+    if [[ -n "$frontend" ]] && kill -TERM "$frontend" 2>/dev/null; then :; else
+      torchserve --stop >/dev/null 2>&1 || kill "$TS_PID" 2>/dev/null || true
+    fi
+    wait "$TS_PID" || true
+  }
+  # Drain (handler/serving/drain.py): the deadline goes into the drain file; the worker refuses new requests,
+  # ends what is still open at the deadline and writes <drain file>.idle once it holds nothing. An idle worker
+  # gets no call by itself: healthcheck.sh's report request pokes it every second. At most 2 s past the deadline.
+  drain_and_stop() {
+    trap '' TERM INT
+    local now_us deadline_us poke_us=0
+    now_us="${EPOCHREALTIME/./}"
+    deadline_us=$((now_us + ${TS_DRAIN_SECONDS:-4} * 1000000))
+    rm -f "$GPT2_DRAIN_FILE.idle"
+    printf '%d.%06d\n' $((deadline_us / 1000000)) $((deadline_us % 1000000)) >"$GPT2_DRAIN_FILE"
+    while [[ ! -e "$GPT2_DRAIN_FILE.idle" ]]; do
+      now_us="${EPOCHREALTIME/./}"
+      if ((now_us >= deadline_us + 2000000)); then
+        echo "drain: requests still open 2 s past the deadline; stopping"
+        break
+      fi
+      if [[ -n "$DRAIN_MODEL" ]] && ((now_us >= poke_us)); then
+        "$REPO/scripts/healthcheck.sh" --run-dir "$RUN_DIR" --config "$CONFIG" --model "$DRAIN_MODEL" \
+          >/dev/null 2>&1 &
+        poke_us=$((now_us + 1000000))
+      fi
+      sleep 0.1
+    done
+    [[ -e "$GPT2_DRAIN_FILE.idle" ]] && echo "drained in $(( (${EPOCHREALTIME/./} - deadline_us) / 1000 + ${TS_DRAIN_SECONDS:-4} * 1000 )) ms"
+    echo "stopping TorchServe"
+    stop_server
+    echo "TorchServe stopped $(( (${EPOCHREALTIME/./} - deadline_us) / 1000 + ${TS_DRAIN_SECONDS:-4} * 1000 )) ms after the signal"
+    exit 0
+  }
+  trap drain_and_stop TERM INT
+  # in the background, so that a signal during the start is handled at once (bash runs traps between commands)
+  ops wait-up --config "$CONFIG" --run-dir "$RUN_DIR" --pid "$TS_PID" --log-from "$LOG_FROM" &
+  if ! wait $! || ! register_all; then
+    stop_server
     exit 1
   fi
   wait "$TS_PID"

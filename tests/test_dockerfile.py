@@ -162,15 +162,29 @@ def test_non_root_user_before_cmd(final_stage):
     assert user not in ("root", "0"), f"the final USER is {before[-1].args!r}"
 
 
+def _seconds(text: str, flag: str) -> int | None:
+    found = re.search(rf"--{flag}=(\d+)(s|m)\b", text)
+    return None if not found else int(found.group(1)) * (60 if found.group(2) == "m" else 1)
+
+
 def test_healthcheck_calls_healthcheck_script(final_stage):
     check = _one(final_stage, "HEALTHCHECK")
     assert not check.args.upper().startswith("NONE")
     command = _exec_form(check)
     assert any(part.endswith("scripts/healthcheck.sh") for part in command), command
-    period = re.search(r"--start-period=(\d+)(s|m)\b", check.args)
-    assert period, "HEALTHCHECK needs a --start-period (loading and warm-up of a 3.5B model take minutes)"
-    seconds = int(period.group(1)) * (60 if period.group(2) == "m" else 1)
+    seconds = _seconds(check.args, "start-period")
+    assert seconds, "HEALTHCHECK needs a --start-period (loading and warm-up of a 3.5B model take minutes)"
     assert seconds >= 300, f"start period {seconds}s is too short for a 3.5B model's load and warm-up"
+    # healthy within a few seconds of the first answer (Docker 20.10 has no --start-interval): a short interval
+    interval = _seconds(check.args, "interval")
+    assert interval is not None and interval <= 5, f"HEALTHCHECK --interval {interval}s: healthy lags the model"
+    assert "start-interval" not in check.args, "Docker 20.10 (Debian's docker.io) refuses --start-interval"
+
+
+def test_healthcheck_asks_the_model_not_only_ping():
+    """/ping is Healthy while the model is still loading: healthy must mean the model answers."""
+    script = (REPO / "scripts" / "healthcheck.sh").read_text()
+    assert re.search(r"/predictions/\$MODEL/1\.0/describe", script), "healthcheck.sh does not ask the model"
 
 
 @pytest.fixture(scope="module")
@@ -206,16 +220,57 @@ def test_token_authorization_stays_on(path, forbidden):
     assert forbidden.lower() not in text, f"{path} turns token authorization off ({forbidden})"
 
 
-def test_torch_is_a_pinned_cuda_build(final_stage):
+def _arg_defaults(stage: list[Instruction]) -> dict[str, str]:
+    return dict(i.args.split("=", 1) for i in stage if i.keyword == "ARG" and "=" in i.args)
+
+
+def _requirements_torch() -> str:
+    return _pins(REPO / "requirements.txt")["torch"]
+
+
+def test_torch_is_the_tested_torch_from_an_index_users_reach(final_stage):
+    """Shipped torch = tested torch: the version requirements.txt pins (the tests' CPU build), from TORCH_INDEX_URL
+    only (default PyPI, whose x86-64 torch==2.13.0 is the CUDA 13.0 build), checked to be TORCH_CUDA's build."""
     runs = [i.args for i in final_stage if i.keyword == "RUN" and re.search(r"\btorch==", i.args)]
     assert runs, "the final stage never installs torch with an == pin"
+    args = _arg_defaults(final_stage)
+    assert args.get("TORCH_INDEX_URL") == "https://pypi.org/simple", args
+    assert re.fullmatch(r"\d+\.\d+", args.get("TORCH_CUDA", "")), args
     for pip in (cmd for run in runs for cmd in run.split("&&") if re.search(r"\btorch==", cmd)):
-        assert re.search(r"\btorch==\d+\.\d+\.\d+(\s|$)", pip), f"torch is not pinned to an exact version: {pip}"
-        index = re.search(r"--(?:extra-)?index-url[ =](\S+)", pip)
-        assert index, f"torch is not installed from an index of its own: {pip}"
-        assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d{3}/?", index.group(1)), \
-            f"{index.group(1)} is not a PyTorch CUDA wheel index"
-        assert "--extra-index-url" not in pip, "torch must come from the CUDA index only, not PyPI as a fallback"
+        pin = re.search(r"\btorch==(\d+\.\d+\.\d+)(\s|$)", pip)
+        assert pin, f"torch is not pinned to an exact version: {pip}"
+        assert pin.group(1) == _requirements_torch(), \
+            f"the image installs torch {pin.group(1)}, the tests run {_requirements_torch()} (requirements.txt)"
+        assert re.search(r'--index-url[ =]"?\$\{?TORCH_INDEX_URL\}?"?', pip), f"torch not from TORCH_INDEX_URL: {pip}"
+        assert "--extra-index-url" not in pip, "torch must come from one index only, never a CPU build as a fallback"
+    check = " ".join(runs)
+    assert "torch.version.cuda" in check and "TORCH_CUDA" in check, "the build does not check torch's CUDA version"
+
+
+def _labels(stage: list[Instruction]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for instruction in (i for i in stage if i.keyword == "LABEL"):
+        for token in shlex.split(instruction.args):
+            key, _, value = token.partition("=")
+            labels[key] = value
+    return labels
+
+
+def test_label_and_readme_state_the_driver_floor(final_stage):
+    labels = _labels(final_stage)
+    assert labels.get("org.pytorch.version") == _requirements_torch(), labels
+    assert labels.get("com.nvidia.cuda.version") == "${TORCH_CUDA}", labels
+    assert "R580" in labels.get("com.nvidia.driver.min", ""), labels
+    docker_section = _readme_docker_section()
+    assert f"torch {_requirements_torch()}" in docker_section and "CUDA 13.0" in docker_section, \
+        "the README's Docker section does not name the shipped torch and its CUDA"
+    assert "R580" in docker_section, "the README's Docker section does not state the driver floor"
+
+
+def _readme_docker_section() -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index("### With Docker")
+    return text[start:text.index("\n## ", start)]
 
 
 def test_java_17_installed(final_stage):
@@ -406,6 +461,53 @@ def test_final_stage_has_a_c_compiler_for_triton(final_stage):
     """Triton compiles a small C launcher the first time it builds a kernel; python:*-slim has no compiler."""
     packages = _apt_packages(final_stage)
     assert "build-essential" in packages or {"gcc", "libc6-dev"} <= packages, sorted(packages)
+
+
+def test_final_stage_has_a_cxx_compiler_for_inductor_on_the_cpu(final_stage):
+    """compile: on on the CPU: Inductor writes and builds C++ (InvalidCxxCompiler without g++)."""
+    packages = _apt_packages(final_stage)
+    assert "build-essential" in packages or "g++" in packages, sorted(packages)
+
+
+def test_compile_cache_is_a_declared_volume(final_stage):
+    """Under a read-only root (docker run --read-only, the pod) the caches need a writable mount there."""
+    env = _env(final_stage)
+    volumes = set()
+    for i in (i for i in final_stage if i.keyword == "VOLUME"):
+        volumes |= set(json.loads(i.args)) if i.args.startswith("[") else set(i.args.split())
+    for key in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        assert any(env[key].startswith(v.rstrip("/") + "/") for v in volumes), f"{env[key]} is on no VOLUME: {volumes}"
+
+
+def test_no_hsperfdata_left_by_the_build(final_stage):
+    """`java -version` at build time writes /tmp/hsperfdata_root into the image unless told not to."""
+    for run in (i.args for i in final_stage if i.keyword == "RUN" and re.search(r"\bjava\b", i.args)):
+        assert "-XX:-UsePerfData" in run or "rm -rf /tmp/hsperfdata_root" in run, run
+
+
+def test_logs_are_info_with_size_rotation(final_stage):
+    """TorchServe's own log4j2.xml logs DEBUG and copies metrics lines to stdout; the image's does neither."""
+    env = _env(final_stage)
+    assert env.get("TS_LOG_CONFIG") == "/home/ts/app/log4j2.xml", env.get("TS_LOG_CONFIG")
+    copies = " ".join(i.args for i in final_stage if i.keyword == "COPY")
+    assert "log4j2.xml" in copies, "the image does not copy log4j2.xml"
+    assert re.search(r'ARGS\+=\(--log-config "\$TS_LOG_CONFIG"\)', (REPO / "scripts" / "serve.sh").read_text())
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(REPO / "log4j2.xml").getroot()
+    files = root.findall("./Appenders/RollingFile")
+    assert files and all(f.find("SizeBasedTriggeringPolicy") is not None for f in files), "a log without size rotation"
+    loggers = {lg.get("name"): lg for lg in root.findall("./Loggers/Logger")}
+    assert "debug" not in ET.tostring(root.find("Loggers"), encoding="unicode").lower()
+    for name in ("MODEL_METRICS", "TS_METRICS", "ACCESS_LOG"):
+        refs = {r.get("ref") for r in loggers[name].findall("AppenderRef")}
+        assert "STDOUT" not in refs and loggers[name].get("additivity") == "false", name
+
+
+@pytest.mark.parametrize("port", ["8080", "8081", "8082", "7070", "7071"])
+def test_every_port_of_the_config_is_documented_in_the_docker_section(port):
+    assert re.search(rf"^\w+=(\S+:)?{port}$", (REPO / "config.properties").read_text(), re.M), port
+    assert port in _readme_docker_section(), f"port {port} is not in the README's Docker section"
 
 
 def _runtime_user(stage: list[Instruction]) -> set[str]:

@@ -41,7 +41,7 @@ from ts.handler_utils.utils import send_intermediate_predict_response
 
 from handler.engine.scheduler import Engine, Generation
 from handler.engine.stopping import FinishReason
-from handler.serving import responses
+from handler.serving import drain, responses
 from handler.serving.errors import RequestError, is_out_of_memory
 from handler.serving.preparation import Preparation
 from handler.serving.request import header
@@ -121,11 +121,14 @@ class Batching:
         self.continuous = continuous
         self.iteration_s = iteration_s
         self.jobs: dict[str, Job] = {}  # continuous batching: jobs open across calls
+        self.drain = drain.Drain.from_env()  # shutting down: refuse new generations, end open ones at the deadline
+        self.refused_for_drain = False  # this call brought a generation request while draining
 
     # ---- 1. the jobs of this call ----
 
     def receive(self, data: list, context) -> list[Job]:
         ids = [context.request_ids[i] for i in range(len(data))]
+        self.refused_for_drain = False
         if self.continuous:
             for gone in set(self.jobs) - set(ids):
                 self._cancel(gone)
@@ -156,6 +159,9 @@ class Batching:
         routed = self.routes.answer(header(headers, URL_PATH_HEADER))
         if isinstance(routed, RequestError):
             return Job(request_id, error=routed)
+        if (routed is None or isinstance(routed, Handoff)) and self.drain.draining():
+            self.refused_for_drain = True
+            return Job(request_id, error=drain.REFUSED)
         if isinstance(routed, Handoff):  # another API's generation: it prepares and submits its own
             started = routed.start(request_id, entry, headers)
             if isinstance(started, Immediate):
@@ -225,7 +231,10 @@ class Batching:
         out, stop_flags = [], []
         for index, job in enumerate(jobs):
             try:
-                answer, flag = self._answer(index, job, context)
+                if self.continuous and not job.done and self.drain.past_deadline():
+                    answer, flag = self._fail(index, job, drain.ENDED, context)  # shutting down: ends it now
+                else:
+                    answer, flag = self._answer(index, job, context)
                 answer.encode("utf-8")
             except Exception as err:  # noqa: BLE001 - this request fails alone, never the call
                 logger.exception("answering request %s failed", job.request_id)
@@ -233,6 +242,7 @@ class Batching:
             out.append(answer)
             stop_flags.append(flag)
         self._set_stop_flags(context, stop_flags)
+        self.drain.after_call(len(self.jobs), self.refused_for_drain)
         return out
 
     def fail_all(self, count: int, context, err: BaseException) -> list[str]:

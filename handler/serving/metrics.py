@@ -1,6 +1,9 @@
 """What the worker publishes on TorchServe's metrics endpoint (Prometheus on the metrics port).
 
 - `WorkerMemoryMiB{Device, Part}`: the memory breakdown, once at start (`handler.memory.ledger`).
+- `DecodeStep{Path, Setting, FellBack, Cause}` = 1: which decode step serves (eager | compiled | cuda-graphs |
+  cuda-graph-trees), for which `compile` setting, and whether it is eager because the fast step it tried failed
+  (Cause: `ok`, `off`, `auto-cpu`, `self-check`, or the error's type), once at start (`publish_decode_step`).
 - The engine's load, at most once a second while it serves: `EngineSlots` (the pool's slots),
   `EngineSlotsInUse`, `EngineRequestsWaiting` (gauges), `EngineTimeToFirstTokenMs` (gauge: the
   latest request's), `EngineGeneratedTokens` (counter). An autoscaler reads slots in use over slots.
@@ -48,6 +51,33 @@ def publish_memory(context, device, report: dict) -> None:
     for part, value in parts.items():
         if value is not None:
             _add(context, "WorkerMemoryMiB", value, "MB", {"Device": str(device), "Part": part})
+
+
+def decode_step_outcome(report) -> dict:
+    """Whether the decode step serves eager because the fast step it tried failed, and the short cause.
+    `report`: handler.engine.compiled.FastPathReport (path, setting, error, self_check)."""
+    tried = report.error is not None or report.self_check is not None
+    fell_back = tried and report.path == "eager"
+    if report.error is not None:
+        cause = report.error.split(":", 1)[0]  # the exception's type
+    elif fell_back:
+        cause = "self-check"
+    elif not tried:
+        cause = "off" if report.setting == "off" else "auto-cpu"
+    else:
+        cause = "ok"
+    return {"fell_back": fell_back, "cause": cause}
+
+
+def publish_decode_step(context, report) -> dict:
+    """A WARNING with the cause when the fast step fell back to eager, and the `DecodeStep` gauge."""
+    outcome = decode_step_outcome(report)
+    if outcome["fell_back"]:
+        logger.warning("decode step: serving EAGER although compile: %s asked for the fast step: %s",
+                       report.setting, report.reason)
+    _add(context, "DecodeStep", 1, "count", {"Path": report.path, "Setting": report.setting,
+                                             "FellBack": str(outcome["fell_back"]).lower(), "Cause": outcome["cause"]})
+    return outcome
 
 
 class EngineMetrics:

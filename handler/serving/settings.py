@@ -6,6 +6,11 @@ Frontend keys of the same file (`batchSize`, `responseTimeout`,
 `responseTimeout` (to refuse generations that could not finish in time) and
 `continuousBatching` (per-step scheduling, or each batch run to completion).
 A wrong setting stops the worker at start with a message naming the key.
+
+The file is YAML 1.1 (TorchServe reads it with yaml.safe_load): an unquoted on/off/yes/no/true/false is a
+boolean, not a word. `compile: on` and `compile: off` (as the docs show them) mean what they say; in any other
+field that takes words (dtype, pool.decode_shapes, defaults.decoding) a boolean is refused with a message
+naming the field and showing the quoted form (`yaml_choice`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,31 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 DEFAULT_RESPONSE_TIMEOUT_S = 120  # TorchServe's default_response_timeout
 DECODE_SHAPES = ("buckets", "fixed")
 COMPILE = ("auto", "on", "off")  # handler.engine.compiled.SETTINGS
+COMPILE_BOOLEANS = {True: "on", False: "off"}  # `compile: on` / `compile: off` unquoted: YAML booleans
+# the fields that take words, where a YAML boolean is refused, each with a word shown in the message
+WORD_FIELDS = {"handler": {"dtype": "float16"}, "handler.pool": {"decode_shapes": "fixed"},
+               "handler.defaults": {"decoding": "greedy"}}
+
+
+def yaml_choice(field: str, value: Any, booleans: Mapping[bool, str] | None = None, example: str = "...") -> Any:
+    """A word field's value as YAML gave it: a boolean is `booleans[value]` when the field gives booleans a
+    meaning (compile: on -> 'on'), else a ValueError naming the field and the quoting that keeps the word."""
+    if not isinstance(value, bool):
+        return value
+    if booleans is not None:
+        return booleans[value]
+    name = field.rsplit(".", 1)[-1]
+    raise ValueError(f"{field} must be a word, got the YAML boolean {str(value).lower()}: YAML reads an unquoted "
+                     f"on/off/yes/no/true/false as a boolean; quote the value in model-config.yaml "
+                     f"(e.g. {name}: \"{example}\")")
+
+
+def _words(section: str, raw: dict) -> dict:
+    """`raw` with its word fields checked for YAML booleans (yaml_choice)."""
+    for name, example in WORD_FIELDS.get(section, {}).items():
+        if name in raw:
+            raw[name] = yaml_choice(f"{section}.{name}", raw[name], example=example)
+    return raw
 
 
 @dataclass(frozen=True)
@@ -35,7 +65,7 @@ class PoolSettings:
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any] | None) -> "PoolSettings":
-        raw = dict(raw or {})
+        raw = _words("handler.pool", dict(raw or {}))
         check_config_keys("handler.pool", raw, {f.name for f in fields(cls)})
         settings = cls(**raw)
         settings.check()
@@ -74,9 +104,11 @@ class HandlerSettings:
     @classmethod
     def from_model_config(cls, model_yaml_config: Mapping[str, Any] | None) -> "HandlerSettings":
         config = dict(model_yaml_config or {})
-        raw = dict(config.get("handler") or {})
+        raw = _words("handler", dict(config.get("handler") or {}))
+        if "compile" in raw:
+            raw["compile"] = yaml_choice("handler.compile", raw["compile"], COMPILE_BOOLEANS)
         limits = RequestLimits.from_config(raw.pop("limits", None))
-        defaults = defaults_from_config(raw.pop("defaults", None), limits)
+        defaults = defaults_from_config(_words("handler.defaults", dict(raw.pop("defaults", None) or {})), limits)
         pool = PoolSettings.from_config(raw.pop("pool", None))
         # the sections were popped above; the frontend's keys are read from the top level, not from handler:
         check_config_keys("handler", raw, {f.name for f in fields(cls)} - {"max_batch_size", "response_timeout_s",

@@ -53,3 +53,41 @@ def test_the_token_counter_adds_what_is_new_and_sums_to_the_total():
         metrics.publish(context, stats(1 if i < 3 else 0, tokens=tokens), now=i * (PUBLISH_EVERY_S + 0.1))
     assert context.total("EngineGeneratedTokens") == 30
     assert context.last("EngineSlots") == 8 and context.last("EngineRequestsWaiting") == 0
+
+
+# ---- which decode step serves, and why: a WARNING and the DecodeStep gauge when it fell back to eager ----
+
+
+from handler.engine.compiled import FastPathReport  # noqa: E402
+from handler.serving.metrics import publish_decode_step  # noqa: E402
+
+
+class DimensionRecorder(Recorder):
+    def add_metric(self, name, value, unit, metric_type=None, dimensions=None):
+        self.calls.append((name, value))
+        self.dimensions = {d.name: d.value for d in dimensions or []}
+
+
+@pytest.mark.parametrize("report, fell_back, cause, warned", [
+    (FastPathReport("on", "cpu", path="compiled", self_check={"passed": True}), False, "ok", False),
+    (FastPathReport("off", "cpu"), False, "off", False),
+    (FastPathReport("auto", "cpu"), False, "auto-cpu", False),
+    # the pod's read-only root: Inductor cannot write its cache
+    (FastPathReport("on", "cpu", error="OSError: [Errno 30] Read-only file system: '/home/ts/.cache/compile'",
+                    reason="building or checking the fast step failed (OSError: ...); serving eager"),
+     True, "OSError", True),
+    (FastPathReport("auto", "cuda:0", self_check={"passed": False}, reason="self-check: 3 of 96 tokens differ"),
+     True, "self-check", True),
+])
+def test_decode_step_metric_and_warning(report, fell_back, cause, warned, caplog):
+    context = DimensionRecorder()
+    with caplog.at_level("WARNING", logger="handler.serving.metrics"):
+        outcome = publish_decode_step(context, report)
+    assert outcome == {"fell_back": fell_back, "cause": cause}
+    assert context.last("DecodeStep") == 1
+    assert context.dimensions == {"Path": report.path, "Setting": report.setting,
+                                  "FellBack": str(fell_back).lower(), "Cause": cause}
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert bool(warnings) == warned
+    if warned:
+        assert report.reason in warnings[0].getMessage() and "EAGER" in warnings[0].getMessage()

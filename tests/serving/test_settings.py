@@ -88,3 +88,47 @@ def test_weights_are_saved_in_float16(tiny_model_dir):
 
     with safe_open(str(tiny_model_dir / "model.safetensors"), framework="pt") as f:
         assert {f.get_tensor(name).dtype for name in f.keys()} == {torch.float16}
+
+
+# ---- model-config.yaml as YAML 1.1 reads it: on/off/yes/no are booleans unless quoted ----
+
+
+@pytest.mark.parametrize("line, compile_setting", [
+    ("compile: on", "on"),  # as the README and model-config.yaml's comment show it
+    ("compile: off", "off"),
+    ("compile: yes", "on"),
+    ("compile: no", "off"),
+    ("compile: true", "on"),
+    ("compile: 'on'", "on"),
+    ('compile: "off"', "off"),
+    ("compile: auto", "auto"),
+])
+def test_compile_written_as_the_docs_show_it_means_what_it_says(line, compile_setting):
+    config = yaml.safe_load(f"handler:\n  {line}\n")
+    assert HandlerSettings.from_model_config(config).compile == compile_setting
+
+
+@pytest.mark.parametrize("text, field, example", [
+    ("handler:\n  dtype: on\n", "handler.dtype", 'dtype: "float16"'),
+    ("handler:\n  dtype: no\n", "handler.dtype", 'dtype: "float16"'),
+    ("handler:\n  pool:\n    decode_shapes: yes\n", "handler.pool.decode_shapes", 'decode_shapes: "fixed"'),
+    ("handler:\n  pool:\n    decode_shapes: off\n", "handler.pool.decode_shapes", 'decode_shapes: "fixed"'),
+    ("handler:\n  defaults:\n    decoding: on\n", "handler.defaults.decoding", 'decoding: "greedy"'),
+])
+def test_a_yaml_boolean_in_a_word_field_is_refused_naming_the_field_and_the_quoting(text, field, example):
+    config = yaml.safe_load(text)
+    with pytest.raises(ValueError) as err:
+        HandlerSettings.from_model_config(config)
+    message = str(err.value)
+    assert message.startswith(f"{field} must be a word, got the YAML boolean"), message
+    assert "quote the value" in message and example in message, message
+
+
+@pytest.mark.parametrize("word", ["auto", "on", "off"])
+def test_model_config_yaml_with_each_documented_compile_word_unquoted(word):
+    """The shipped file with its `compile:` line set to each word its comment lists, unquoted, loads."""
+    text = (REPO / "model-config.yaml").read_text()
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("compile:"))
+    assert "| on | off" in line, "model-config.yaml's compile comment no longer lists on and off"
+    changed = text.replace(line, line.replace("compile: auto", f"compile: {word}", 1))
+    assert HandlerSettings.from_model_config(yaml.safe_load(changed)).compile == word
