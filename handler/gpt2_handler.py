@@ -36,7 +36,7 @@ import time
 
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.engine.compiled import enable_fast_path
+from handler.engine.fast_path import enable_fast_path
 from handler.engine.scheduler import Engine
 from handler.memory.ledger import MemoryLedger
 from handler.memory.plan import ModelShape
