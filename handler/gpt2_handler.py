@@ -37,6 +37,7 @@ import time
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.engine.fast_path import enable_fast_path
+from handler.engine.precision import own_matmul_precision
 from handler.engine.scheduler import Engine
 from handler.memory.ledger import MemoryLedger
 from handler.memory.plan import ModelShape
@@ -58,6 +59,7 @@ class ContrastiveGPT2Handler(BaseHandler):
     """Serves GPT-2 text generation: contrastive search and sampling, greedy, sampling."""
 
     def initialize(self, context):
+        self.precision = own_matmul_precision()  # after TorchServe's import, which may have turned TF32 on
         self.settings = settings = HandlerSettings.from_model_config(context.model_yaml_config)
         self.device = worker_device(context.system_properties)
         self.ledger = MemoryLedger.for_device(self.device)
@@ -139,6 +141,7 @@ class ContrastiveGPT2Handler(BaseHandler):
             "memory": self.memory_report,
             "device": str(self.device),
             "dtype": str(self.loaded.model.dtype).replace("torch.", ""),
+            "precision": self.precision,
             "scheduling": "continuous" if self.settings.continuous_batching else "run to completion",
             "decode_step": {"live": self.engine.step_path, "dropped_while_serving": self.engine.step_error,
                             **self.fast_path.as_dict()},
