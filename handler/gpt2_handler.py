@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import time
 
 from ts.torch_handler.base_handler import BaseHandler
@@ -53,6 +55,15 @@ from handler.serving.settings import HandlerSettings
 from handler.engine.text import detokenizer
 
 logger = logging.getLogger(__name__)
+
+EXIT_UNHEALTHY = 70  # the worker exits after a sticky device fault; TorchServe starts a fresh one
+EXIT_DELAY_S = 1.0  # time for the call's answers to reach the frontend first
+
+
+def exit_after_answers(reason: str) -> None:
+    """Exit the worker process once this call's answers are out (TorchServe restarts a worker that died)."""
+    logger.critical("exiting with status %d so that TorchServe restarts this worker: %s", EXIT_UNHEALTHY, reason)
+    threading.Timer(EXIT_DELAY_S, os._exit, args=(EXIT_UNHEALTHY,)).start()
 
 
 class ContrastiveGPT2Handler(BaseHandler):
@@ -77,6 +88,7 @@ class ContrastiveGPT2Handler(BaseHandler):
                              fixed_shapes=settings.pool.decode_shapes == "fixed")
         self.ledger.mark("pool")
         self.fast_path = enable_fast_path(self.engine, settings.compile)
+        self.fast_path.on_unhealthy = lambda reason: self.exit_for_restart(reason)
         self.ledger.mark("graphs", graph_pool=self.fast_path.graph_pool)
         self.admission = Admission(settings.limits, model.n_positions, pool,
                                    self.engine.pool.nbytes() // (pool.max_slots * pool.max_len),
@@ -100,11 +112,16 @@ class ContrastiveGPT2Handler(BaseHandler):
                                  iteration_s=settings.iteration_ms / 1000)
         self.initialized = True
 
+    health_probe = None  # how the device is probed after a fault (None: handler.engine.fast_path.device_healthy)
+    exit_for_restart = staticmethod(exit_after_answers)
+
     def handle(self, data, context):
         """One call of TorchServe: a list of answers as long as `data`, whatever happens (module docstring)."""
         start = time.time()
         self.context = context
         try:
+            if not self.fast_path.healthy:
+                raise RuntimeError("this worker's device failed and the worker is restarting; retry")
             out = self.postprocess(self.inference(self.preprocess(data)))
         except Exception as err:  # noqa: BLE001 - the last resort: each request gets its own error
             logger.exception("a call of %d requests failed as a whole", len(data))
@@ -120,6 +137,7 @@ class ContrastiveGPT2Handler(BaseHandler):
 
     def inference(self, jobs):
         self.batching.run(jobs, self.context)
+        self.fast_path.after_fault(self.engine, self.health_probe)  # a dropped fast step: eager, or restart
         return jobs
 
     def postprocess(self, jobs):
