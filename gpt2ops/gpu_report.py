@@ -10,22 +10,29 @@ wheels into .whl/serve and .whl/hf; this report installs them with `pip --no-ind
 throwaway `--target` folders under .gpu-report/ and puts them on PYTHONPATH (the 4.55 one only for the
 baseline's process). Nothing else is installed and nothing is fetched.
 
-Sections, run in this order within DEADLINE_S (8 minutes), each in its own process with what time is left
-(a section that does not fit is reported as skipped, with the reason):
+Parts (`parts()`), in the issue's priority order, within one deadline DEADLINE_S (8 minutes) that bounds every
+timeout (pip staging and plan_memory included); each runs in its own process, and the report is rewritten after
+each part, so that a run cut short still returns what finished. A part that does not fit is labelled
+"not run: time" (or "cut short: time" when the deadline stopped it), never a failure:
 
-1. the GPU tests: tests/memory/test_gpu_memory.py and tests/gpu/ (pytest);
-2. the CUDA context with lazy and eager module loading (gpt2ops/measure_cuda_context.py);
-3. per shape, 110M then 3.5B (random weights from a GPT2Config, saved under .gpu-report/models; built on
-   the CPU while the tests run): a worker started in-process through a TorchServe context
-   (`handler.gpt2_handler`, the shipped model-config.yaml), its start-up time, which decode step serves
-   and its self-check, its memory breakdown against NVML's per-process figure (the parts must explain it
-   within 2%) and against scripts/plan_memory.py (within 10%), and the issue's memory target;
-4. speed: benchmarks/decode.py, eager vs compiled vs CUDA graphs (and cudagraph trees at batch 1), 110M at
-   batch 1, 8, 32 and 3.5B at batch 1, 8, 128 new tokens; and transformers 4.55.4's contrastive search
-   (benchmarks/hf_contrastive.py) when its wheels are staged.
+1. TorchServe's ts staged (when missing);
+2. the 110M worker: started in-process through a TorchServe context (`handler.gpt2_handler`, the shipped
+   model-config.yaml; random weights from a GPT2Config saved under .gpu-report/models, built on the CPU
+   meanwhile): its start-up time, which decode step serves and its self-check, its memory breakdown against
+   NVML's per-process figure (the parts must explain it within 2%) and scripts/plan_memory.py (within 10%);
+3. 110M speed: benchmarks/decode.py eager vs graphs (and compiled and cudagraph trees at batch 1), batch 1, 8, 32;
+4. the CUDA context with lazy and eager module loading (gpt2ops/measure_cuda_context.py);
+5. batch invariance: one request alone vs beside seven others, decode_shapes buckets and fixed;
+6. the GPU tests: tests/memory/test_gpu_memory.py and tests/gpu/ (pytest);
+7. the 3.5B worker and its speed at batch 1 and 8;
+8. transformers 4.55.4's contrastive search (benchmarks/hf_contrastive.py) when its wheels are staged.
 
-It writes gpu-report.md and gpu-report.json (--out) and exits 0 when every check passed, 1 when one failed
-or could not run. Without CUDA it says so and exits 2 without writing anything.
+The torch, CUDA and driver it ran on are printed beside what the image ships (read from the Dockerfile and
+requirements-serve.txt). `--dry-run` runs the same ordering and labelling on a fake clock that advances by each
+part's cold estimate, and prints the order and labels (no GPU needed).
+
+It writes gpu-report.md and gpu-report.json (--out) and exits 0 when no check failed ("not run" is not a
+failure), 1 when one failed. Without CUDA it says so and exits 2 without writing anything.
 
 Weights: the workers' 110M and 3.5B weights are drawn with std INIT_STD (GPT-2's own 0.02 gives nearly
 uniform next-token distributions, whose near ties make token comparisons between float16 kernels measure
