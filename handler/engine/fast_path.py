@@ -323,10 +323,6 @@ class FastPathReport:
     def graph_pool(self) -> tuple[int, int]:
         return self.graph_pool_reserved, self.graph_pool_allocated
 
-    @property
-    def self_check(self) -> dict | None:
-        return self.step_check
-
     def as_dict(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k not in ("fast_step", "on_unhealthy")}
         out["shapes"] = [list(s) for s in self.shapes]
