@@ -193,3 +193,12 @@ def test_the_images_versions_are_read_from_the_pins(tmp_path):
                                          "torch==2.11.0\n")
     assert gpu_report.image_versions(tmp_path)["torch_index"] == "https://download.pytorch.org/whl/cu128"
     assert gpu_report.image_versions(REPO)["torch"] is not None  # the repo's own pin is found
+
+
+def test_a_worker_with_no_time_left_is_not_run_rather_than_failed(tmp_path):
+    """Before: "110m: worker starts: FAIL (rc None)" when the deadline had passed."""
+    ctx = FakeCtx(tmp_path, left=0.5)
+    ctx.report["environment"]["capability"] = [9, 0]
+    gpu_report.worker_section("110m", tmp_path, ctx)
+    assert ctx.report["checks"] == [{"check": "110m: worker starts", "result": "not run", "measured": "not run: time",
+                                     "target": "starts"}]
