@@ -10,22 +10,29 @@ wheels into .whl/serve and .whl/hf; this report installs them with `pip --no-ind
 throwaway `--target` folders under .gpu-report/ and puts them on PYTHONPATH (the 4.55 one only for the
 baseline's process). Nothing else is installed and nothing is fetched.
 
-Sections, run in this order within DEADLINE_S (8 minutes), each in its own process with what time is left
-(a section that does not fit is reported as skipped, with the reason):
+Parts (`parts()`), in the issue's priority order, within one deadline DEADLINE_S (8 minutes) that bounds every
+timeout (pip staging and plan_memory included); each runs in its own process, and the report is rewritten after
+each part, so that a run cut short still returns what finished. A part that does not fit is labelled
+"not run: time" (or "cut short: time" when the deadline stopped it), never a failure:
 
-1. the GPU tests: tests/memory/test_gpu_memory.py and tests/gpu/ (pytest);
-2. the CUDA context with lazy and eager module loading (gpt2ops/measure_cuda_context.py);
-3. per shape, 110M then 3.5B (random weights from a GPT2Config, saved under .gpu-report/models; built on
-   the CPU while the tests run): a worker started in-process through a TorchServe context
-   (`handler.gpt2_handler`, the shipped model-config.yaml), its start-up time, which decode step serves
-   and its self-check, its memory breakdown against NVML's per-process figure (the parts must explain it
-   within 2%) and against scripts/plan_memory.py (within 10%), and the issue's memory target;
-4. speed: benchmarks/decode.py, eager vs compiled vs CUDA graphs (and cudagraph trees at batch 1), 110M at
-   batch 1, 8, 32 and 3.5B at batch 1, 8, 128 new tokens; and transformers 4.55.4's contrastive search
-   (benchmarks/hf_contrastive.py) when its wheels are staged.
+1. TorchServe's ts staged (when missing);
+2. the 110M worker: started in-process through a TorchServe context (`handler.gpt2_handler`, the shipped
+   model-config.yaml; random weights from a GPT2Config saved under .gpu-report/models, built on the CPU
+   meanwhile): its start-up time, which decode step serves and its self-check, its memory breakdown against
+   NVML's per-process figure (the parts must explain it within 2%) and scripts/plan_memory.py (within 10%);
+3. 110M speed: benchmarks/decode.py eager vs graphs (and compiled and cudagraph trees at batch 1), batch 1, 8, 32;
+4. the CUDA context with lazy and eager module loading (gpt2ops/measure_cuda_context.py);
+5. batch invariance: one request alone vs beside seven others, decode_shapes buckets and fixed;
+6. the GPU tests: tests/memory/test_gpu_memory.py and tests/gpu/ (pytest);
+7. the 3.5B worker and its speed at batch 1 and 8;
+8. transformers 4.55.4's contrastive search (benchmarks/hf_contrastive.py) when its wheels are staged.
 
-It writes gpu-report.md and gpu-report.json (--out) and exits 0 when every check passed, 1 when one failed
-or could not run. Without CUDA it says so and exits 2 without writing anything.
+The torch, CUDA and driver it ran on are printed beside what the image ships (read from the Dockerfile and
+requirements-serve.txt). `--dry-run` runs the same ordering and labelling on a fake clock that advances by each
+part's cold estimate, and prints the order and labels (no GPU needed).
+
+It writes gpu-report.md and gpu-report.json (--out) and exits 0 when no check failed ("not run" is not a
+failure), 1 when one failed. Without CUDA it says so and exits 2 without writing anything.
 
 Weights: the workers' 110M and 3.5B weights are drawn with std INIT_STD (GPT-2's own 0.02 gives nearly
 uniform next-token distributions, whose near ties make token comparisons between float16 kernels measure
@@ -73,7 +80,7 @@ import json, sys, time
 from pathlib import Path
 import yaml
 from handler.gpt2_handler import ContrastiveGPT2Handler
-from tests.ts_context import make_context
+from gpt2ops.worker_context import make_context
 
 model_dir = Path(sys.argv[1])
 config = yaml.safe_load((Path.cwd() / "model-config.yaml").read_text())
@@ -88,6 +95,33 @@ print(json.dumps({
     "pool": [pool.max_slots, pool.max_len, pool.max_top_k],
     "dtype": str(handler.loaded.model.dtype).replace("torch.", ""),
 }))
+"""
+
+# One contrastive request alone, then in slot 0 beside seven others of other lengths and k, eager fp16 on the GPU:
+# cuBLAS picks kernels (and split-K) by row count, so the tokens show whether a slot's bits depend on its
+# neighbours, for decode_shapes buckets (the step's rows follow the live slots) and fixed (always the full pool).
+BATCH_INVARIANCE = r"""
+import json, sys
+import torch
+from handler.engine import Engine, GenerationParams, PoolShape, Request
+from handler.engine.model import load_gpt2
+
+_, model = load_gpt2(sys.argv[1], torch.device("cuda"), torch.float16)
+new = 64
+target = Request("target", [11, 22, 33, 44, 55, 66, 77, 88], GenerationParams(penalty_alpha=0.6, top_k=4,
+                 max_new_tokens=new), (), seed=1)
+others = [Request(f"other-{i}", [1 + (7 * i + 3 * j) % 2000 for j in range(5 + 3 * i)],
+                  GenerationParams(penalty_alpha=0.6, top_k=4 + i % 4, max_new_tokens=new), (), seed=i)
+          for i in range(7)]
+out = {}
+for shapes in ("buckets", "fixed"):
+    engine = Engine(model, PoolShape(8, 160, 8), fixed_shapes=shapes == "fixed")
+    alone = engine.generate([target])[0].tokens
+    beside = engine.generate([target, *others])[0].tokens
+    diff = next((i for i, (a, b) in enumerate(zip(alone, beside)) if a != b), None)
+    out[shapes] = {"tokens": len(alone), "same": sum(a == b for a, b in zip(alone, beside)),
+                   "identical": alone == beside, "first_difference": diff, "step": "eager"}
+print(json.dumps(out))
 """
 
 # Random GPT-2 weights from a GPT2Config, saved as a model folder the handler loads (no network).
@@ -124,15 +158,20 @@ print(json.dumps({"parameters": sum(p.numel() for p in model.parameters())}))
 
 
 class Clock:
+    """One deadline for every timeout of the report."""
+
     def __init__(self, deadline_s: float):
-        self.start = time.monotonic()
+        self.start = self._now()
         self.deadline = self.start + deadline_s
 
+    def _now(self) -> float:
+        return time.monotonic()
+
     def left(self) -> float:
-        return self.deadline - RESERVE_S - time.monotonic()
+        return self.deadline - RESERVE_S - self._now()
 
     def elapsed(self) -> float:
-        return time.monotonic() - self.start
+        return self._now() - self.start
 
 
 def run(cmd: list[str], env: dict, timeout: float, cwd: Path = REPO) -> dict:
@@ -170,7 +209,7 @@ def tail(text: str, n: int = 3000) -> str:
 # ---- staging ----
 
 
-def stage(name: str, wheels: Path, site: Path, packages: list[str], env: dict) -> dict:
+def stage(name: str, wheels: Path, site: Path, packages: list[str], env: dict, timeout: float) -> dict:
     """pip install --no-index --find-links <wheels> --no-deps --target <site> <packages>."""
     if not wheels.is_dir() or not any(wheels.glob("*.whl")):
         return {"staged": False, "reason": f"no wheels in {wheels} (run `make gpu-wheels` on a machine with network)"}
@@ -179,7 +218,9 @@ def stage(name: str, wheels: Path, site: Path, packages: list[str], env: dict) -
     shutil.rmtree(site, ignore_errors=True)
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-index",
            "--find-links", str(wheels), "--no-deps", "--target", str(site), *packages]
-    result = run(cmd, env, 180)
+    result = run(cmd, env, timeout)
+    if result.get("skipped"):
+        return {"staged": False, "reason": f"not run: time (pip install of {name})"}
     if result["rc"] != 0:
         return {"staged": False, "reason": f"pip install of {name} failed: {tail(result['stderr'], 800)}"}
     (site / ".staged").write_text("ok\n")
@@ -222,8 +263,8 @@ def memory_checks(shape: str, worker: dict, plan: dict | None) -> list[dict]:
     parts = mem.get("parts_mib", {})
     out = [check(f"{shape}: decode step serving", step["live"] == "cuda-graphs", step["live"],
                  "cuda-graphs (compile: auto on a GPU)"),
-           check(f"{shape}: start-up self-check", bool(step.get("self_check") and step["self_check"]["passed"]),
-                 step["reason"], "every token as eager")]
+           check(f"{shape}: start-up self-check", bool(step.get("step_check") and step["step_check"]["passed"]),
+                 step["reason"], "every step as eager within the dtype's tolerance (near ties counted)")]
     explained = mem.get("parts_explain_percent")
     out.append(check(f"{shape}: named parts explain NVML's per-process figure", explained is not None
                      and 98 <= explained <= 102, f"{explained}% of {mem.get('total_mib')} MiB "
@@ -267,13 +308,124 @@ def speed_checks(rows: list[dict]) -> list[dict]:
 # ---- the report ----
 
 
+# ---- the parts, in priority order ----
+
+
+class CutShort(Exception):
+    """A part stopped by the deadline (its timeouts are the deadline's): not a failure."""
+
+
+class Part:
+    """One part of the report: `min_s` is what it needs at least to be worth starting (else "not run: time");
+    `estimate_s` is what it takes cold on an H100 (the dry run's fake clock advances by it)."""
+
+    def __init__(self, name: str, min_s: float, estimate_s: float, run):
+        self.name, self.min_s, self.estimate_s, self.run = name, min_s, estimate_s, run
+
+
+def parts() -> list[Part]:
+    """The priority order of the issue: self-check, fast path and memory split vs NVML on 110M (one worker), 110M
+    speed, the CUDA context, batch invariance, the GPU tests, 3.5B, the transformers baseline last."""
+    return [
+        Part("stage TorchServe's ts", 5, 15, stage_serve),
+        Part("110m worker: self-check, fast path, memory split vs NVML", 60, 120,
+             lambda ctx: worker_part("110m", ctx)),
+        *[Part(f"110m speed batch {batch}", 40, 60, lambda ctx, b=batch: speed_part("110m", b, ctx))
+          for shape, batch, _steps in SPEED if shape == "110m"],
+        Part("CUDA context, lazy and eager", 20, 30, context_part),
+        Part("batch invariance: one request alone vs beside seven", 30, 45, invariance_part),
+        Part("GPU tests (memory split, fast path)", 60, 120, gpu_tests_part),
+        Part("3.5b worker", 90, 200, lambda ctx: worker_part("3.5b", ctx)),
+        *[Part(f"3.5b speed batch {batch}", 60, 90, lambda ctx, b=batch: speed_part("3.5b", b, ctx))
+          for shape, batch, _steps in SPEED if shape == "3.5b"],
+        Part("transformers 4.55.4 baseline", 60, 120, hf_part),
+    ]
+
+
+class Context:
+    """What the parts share: the clock (one deadline for every timeout), the environment, the report."""
+
+    def __init__(self, args, clock: Clock, env: dict, report: dict):
+        self.args, self.clock, self.env, self.report = args, clock, env, report
+        self.rows: list[dict] = []
+        self.has_ts = False
+        self.builders: dict[str, subprocess.Popen] = {}
+
+    def timeout(self, cap: float) -> float:
+        """A part's timeout: its own cap, never past the deadline."""
+        return max(0.0, min(cap, self.clock.left()))
+
+    def skip(self, section: str, reason: str) -> None:
+        self.report["skipped"].append({"section": section, "reason": reason})
+
+
+def image_versions(repo: Path = REPO) -> dict:
+    """What the image ships, read from the repo's pins (Dockerfile, requirements-serve.txt): torch and its wheel
+    index (the CUDA build), TorchServe."""
+    texts = {name: (repo / name).read_text() if (repo / name).is_file() else ""
+             for name in ("Dockerfile", "requirements-serve.txt")}
+    out = {"torch": None, "torch_index": None, "torchserve": None}
+    for name, text in texts.items():
+        for line in text.splitlines():
+            line = line.split("#", 1)[0]
+            torch_pin = re.search(r"(?<![\w-])torch==([\w.+]+)", line)
+            if torch_pin and out["torch"] is None:
+                out["torch"] = f"{torch_pin.group(1)} ({name})"
+            index = re.search(r"--(?:extra-)?index-url\s+(\S+)", line)
+            if index and torch_pin:
+                out["torch_index"] = index.group(1)
+            ts_pin = re.search(r"(?<![\w-])torchserve==([\w.+]+)", line)
+            if ts_pin and out["torchserve"] is None:
+                out["torchserve"] = ts_pin.group(1)
+    if out["torch"] and out["torch_index"] is None:
+        out["torch_index"] = "PyPI (its default CUDA build)"
+    return out
+
+
+def save(report: dict, out: Path, clock: Clock) -> None:
+    """Write gpu-report.json and .md now: a run cut short still leaves every finished part."""
+    report["elapsed_s"] = round(clock.elapsed(), 1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu-report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "gpu-report.md").write_text(markdown(report))
+
+
+def run_parts(plan: list[Part], ctx: Context, execute=None) -> list[tuple[str, str]]:
+    """Each part in order while it fits; the report is written after each. Returns (part, label) in order:
+    "ran", "not run: time" (too little left: never a failure), or "failed: ..." (the part raised)."""
+    labels = []
+    for part in plan:
+        if ctx.clock.left() < part.min_s:
+            label = "not run: time"
+            ctx.skip(part.name, f"not run: time ({ctx.clock.left():.0f} s left, needs {part.min_s:g} s)")
+        else:
+            try:
+                (execute or (lambda p: p.run(ctx)))(part)
+                label = "ran"
+            except CutShort as err:
+                label = f"cut short: time ({err})"
+                ctx.skip(part.name, label)
+            except Exception as err:  # noqa: BLE001 - one part's failure is reported, the others still run
+                label = f"failed: {type(err).__name__}: {err}"
+                ctx.report["checks"].append(check(part.name, False, label, "runs"))
+        labels.append((part.name, label))
+        ctx.report.setdefault("parts", []).append({"part": part.name, "result": label,
+                                                   "at_s": round(ctx.clock.elapsed(), 1)})
+        save(ctx.report, ctx.args.out, ctx.clock)
+    return labels
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO, help="folder for gpu-report.md and gpu-report.json")
     parser.add_argument("--wheels", type=Path, default=REPO / ".whl", help="staged wheels (make gpu-wheels)")
     parser.add_argument("--work", type=Path, default=REPO / ".gpu-report", help="models, caches, staged packages")
     parser.add_argument("--deadline-s", type=float, default=DEADLINE_S)
+    parser.add_argument("--dry-run", action="store_true", help="no GPU needed: a fake clock advances by each "
+                        "part's cold estimate; prints the order and each part's label, writes to --out")
     args = parser.parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
 
     import torch  # is_available does not create a context
 
@@ -285,98 +437,183 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
                TORCHINDUCTOR_CACHE_DIR=str(args.work / "cache" / "inductor"),
                TRITON_CACHE_DIR=str(args.work / "cache" / "triton"))
-    report: dict = {"sections": {}, "checks": [], "skipped": []}
+    env["PYTHONPATH"] = os.pathsep.join([p for p in (str(REPO), env.get("PYTHONPATH")) if p])
+    report: dict = {"sections": {}, "checks": [], "skipped": [], "staging": {}, "environment": environment(),
+                    "image": image_versions()}
+    ctx = Context(args, clock, env, report)
+    start_builders(ctx)
+    run_parts(parts(), ctx)
+    for builder in ctx.builders.values():
+        if builder.poll() is None:
+            os.killpg(builder.pid, signal.SIGKILL)
+    report["sections"]["speed"] = ctx.rows
+    report["checks"] += speed_checks(ctx.rows)
+    save(report, args.out, clock)
+    failed = [c for c in report["checks"] if c["result"] == "FAIL"]
+    not_run = [c for c in report["checks"] if c["result"] != "FAIL" and c["result"] != "pass"]
+    print(f"wrote {args.out / 'gpu-report.md'} and gpu-report.json in {report['elapsed_s']} s: "
+          f"{len(report['checks']) - len(failed) - len(not_run)} of {len(report['checks'])} checks passed, "
+          f"{len(failed)} failed, {len(not_run)} not run")
+    for c in failed + not_run:
+        print(f"  {c['result']}: {c['check']}: {c['measured']} (target {c['target']})")
+    return 0 if not failed else 1
 
-    def skip(section: str, reason: str) -> None:
-        report["skipped"].append({"section": section, "reason": reason})
 
-    # staging: TorchServe's `ts` where it is missing; transformers 4.55.4 for the baseline, in its own folder
-    staging = {}
-    try:
-        import ts  # noqa: F401
+class FakeClock(Clock):
+    """The dry run's clock: time moves only when a part "runs" (by its estimate)."""
 
-        staging["serve"] = {"staged": False, "reason": "ts already importable"}
-        serve_site = None
-    except ImportError:
-        staging["serve"] = stage("torchserve", args.wheels / "serve", args.work / "site" / "serve",
-                                 ["torchserve"], env)
-        serve_site = staging["serve"].get("site")
-    staging["hf"] = stage("transformers 4.55.4", args.wheels / "hf", args.work / "site" / "hf",
-                          ["transformers", "tokenizers", "huggingface-hub"], env)
-    report["staging"] = staging
-    env["PYTHONPATH"] = os.pathsep.join([p for p in (serve_site, str(REPO), env.get("PYTHONPATH")) if p])
-    if serve_site:
-        sys.path.insert(0, serve_site)  # so that the environment line names the staged ts
-    report["environment"] = environment()
-    has_ts = run([sys.executable, "-c", "import ts"], env, 60)["rc"] == 0
+    def __init__(self, deadline_s: float):
+        self.now = 0.0
+        self.start = 0.0
+        self.deadline = deadline_s
 
-    # the models, built on the CPU beside the GPU tests
-    models = {name: args.work / "models" / name for name in SHAPES}
-    builders = {}
-    for name, folder in models.items():
+    def _now(self) -> float:
+        return self.now
+
+
+def dry_run(args) -> int:
+    """The order and the labels within the deadline, on a fake clock: each part advances it by its estimate."""
+    clock = FakeClock(args.deadline_s)
+    report: dict = {"sections": {}, "checks": [], "skipped": [], "staging": {}, "dry_run": True,
+                    "environment": {"gpu": "none (dry run)", "capability": [0, 0], "torch": "-", "cuda": "-",
+                                    "python": sys.version.split()[0], "date": "-"}, "image": image_versions()}
+    ctx = Context(args, clock, {}, report)
+
+    def pretend(part: Part) -> None:
+        """As the real part: its timeouts end at the deadline."""
+        if part.estimate_s > clock.left():
+            clock.now += max(0.0, clock.left())
+            raise CutShort(f"needs about {part.estimate_s:g} s cold")
+        clock.now += part.estimate_s
+
+    labels = run_parts(parts(), ctx, execute=pretend)
+    at = {p["part"]: p["at_s"] for p in report["parts"]}
+    print(f"dry run on a fake clock, deadline {args.deadline_s:g} s ({RESERVE_S:g} s kept for writing):")
+    for n, (name, label) in enumerate(labels, 1):
+        print(f"{n:2d}. {name}: {label} (clock {at[name]:.0f} s)")
+    print(f"done at {clock.elapsed():.0f} s of {args.deadline_s:g} s")
+    return 0
+
+
+def start_builders(ctx: Context) -> None:
+    """The random-weight models, built on the CPU while the first parts run."""
+    for name in SHAPES:
+        folder = ctx.args.work / "models" / name
         if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
             continue
         shutil.rmtree(folder, ignore_errors=True)
-        builders[name] = subprocess.Popen(
+        ctx.builders[name] = subprocess.Popen(
             [sys.executable, "-c", BUILD, str(folder), json.dumps(SHAPES[name]), str(INIT_STD)], cwd=REPO,
-            env={**env, "CUDA_VISIBLE_DEVICES": ""}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**ctx.env, "CUDA_VISIBLE_DEVICES": ""}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             start_new_session=True)
 
-    # 1. the GPU tests
-    if has_ts:
-        result = run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
-                      "tests/memory/test_gpu_memory.py", "tests/gpu"], env, min(200.0, clock.left()))
-        summary = re.findall(r"^=+ (.*(?:passed|failed|error|skipped).*) in [\d.]+s", result["stdout"], re.M)
-        outcomes = re.findall(r"^(PASSED|FAILED|ERROR|SKIPPED)\s+(\S+)", result["stdout"], re.M)
-        report["sections"]["gpu_tests"] = {"rc": result["rc"], "seconds": result["seconds"],
+
+def model_ready(name: str, ctx: Context) -> Path | None:
+    """The model folder once its builder finished (waiting no longer than the deadline allows)."""
+    builder = ctx.builders.get(name)
+    if builder is not None:
+        try:
+            _, err = builder.communicate(timeout=max(1.0, ctx.timeout(300)))
+        except subprocess.TimeoutExpired:
+            os.killpg(builder.pid, signal.SIGKILL)
+            builder.communicate()
+            ctx.skip(f"{name} model", "not run: time (building the random weights did not finish)")
+            return None
+        if builder.returncode != 0:
+            ctx.skip(f"{name} model", f"building the random weights failed: {tail(err, 800)}")
+            return None
+    return ctx.args.work / "models" / name
+
+
+def stage_serve(ctx: Context) -> None:
+    try:
+        import ts  # noqa: F401
+
+        ctx.report["staging"]["serve"] = {"staged": False, "reason": "ts already importable"}
+    except ImportError:
+        staged = stage("torchserve", ctx.args.wheels / "serve", ctx.args.work / "site" / "serve", ["torchserve"],
+                       ctx.env, ctx.timeout(180))
+        ctx.report["staging"]["serve"] = staged
+        if staged.get("site"):
+            ctx.env["PYTHONPATH"] = os.pathsep.join([staged["site"], ctx.env["PYTHONPATH"]])
+            sys.path.insert(0, staged["site"])  # so that the environment line names the staged ts
+            ctx.report["environment"]["ts"] = environment().get("ts")
+    ctx.has_ts = run([sys.executable, "-c", "import ts"], ctx.env, ctx.timeout(60))["rc"] == 0
+
+
+def worker_part(name: str, ctx: Context) -> None:
+    folder = model_ready(name, ctx)
+    if folder is None:
+        ctx.report["checks"].append(check(f"{name}: worker starts", None, "not run: no model", "starts"))
+    elif not ctx.has_ts:
+        ctx.skip(f"memory {name}", "TorchServe's ts is not importable")
+        ctx.report["checks"].append(check(f"{name}: worker starts", None, "not run: no ts", "starts"))
+    else:
+        worker_section(name, folder, ctx)
+
+
+def speed_part(shape: str, batch: int, ctx: Context) -> None:
+    steps = next(s for sh, b, s in SPEED if sh == shape and b == batch)
+    out = ctx.args.work / f"speed-{shape}-{batch}.json"
+    out.unlink(missing_ok=True)
+    result = run([sys.executable, "-m", "benchmarks.decode", "--device", "cuda", "--shape", shape, "--batch",
+                  str(batch), "--modes", "contrastive", "--new-tokens", str(NEW_TOKENS), "--steps", *steps,
+                  "--json", str(out)], ctx.env, ctx.timeout(150))
+    if out.is_file():
+        ctx.rows += json.loads(out.read_text())["rows"]
+        ctx.report["sections"]["speed"] = ctx.rows
+    else:
+        why = "not run: time" if result.get("skipped") else ("timed out" if result.get("timed_out")
+                                                             else f"rc {result['rc']}")
+        ctx.skip(f"speed {shape} batch {batch}", f"{why}: {tail(result['stderr'], 800)}")
+
+
+def gpu_tests_part(ctx: Context) -> None:
+    if not ctx.has_ts:
+        ctx.skip("gpu_tests", "TorchServe's ts is not importable: "
+                 + ctx.report["staging"].get("serve", {}).get("reason", ""))
+        ctx.report["checks"].append(check("GPU tests pass", None, "not run: no ts", "all pass"))
+        return
+    result = run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
+                  "tests/memory/test_gpu_memory.py", "tests/gpu"], ctx.env, ctx.timeout(200))
+    summary = re.findall(r"^=+ (.*(?:passed|failed|error|skipped).*) in [\d.]+s", result["stdout"], re.M)
+    outcomes = re.findall(r"^(PASSED|FAILED|ERROR|SKIPPED)\s+(\S+)", result["stdout"], re.M)
+    ctx.report["sections"]["gpu_tests"] = {"rc": result["rc"], "seconds": result["seconds"],
                                            "timed_out": result.get("timed_out"), "summary": summary[-1:] or None,
                                            "outcomes": outcomes, "tail": tail(result["stdout"])}
-        report["checks"].append(check("GPU tests pass", result["rc"] == 0,
+    ctx.report["checks"].append(check("GPU tests pass", result["rc"] == 0,
                                       (summary[-1] if summary else f"rc {result['rc']}")
                                       + (" (timed out)" if result.get("timed_out") else ""), "all pass"))
-    else:
-        skip("gpu_tests", "TorchServe's ts is not importable: " + staging["serve"].get("reason", ""))
-        report["checks"].append(check("GPU tests pass", None, "not run: no ts", "all pass"))
 
-    # 2. the CUDA context, lazy and eager
-    result = run([sys.executable, "-m", "gpt2ops.measure_cuda_context", "--json"], env, min(90.0, clock.left()))
-    report["sections"]["cuda_context"] = last_json_block(result["stdout"]) or {"rc": result["rc"],
-                                                                              "stderr": tail(result["stderr"])}
 
-    # 3 and 4: per shape, the worker then the speed
-    rows: list[dict] = []
-    for name in SHAPES:
-        builder = builders.get(name)
-        if builder is not None:
-            try:
-                _, err = builder.communicate(timeout=max(1.0, clock.left() - 60))
-            except subprocess.TimeoutExpired:
-                os.killpg(builder.pid, signal.SIGKILL)
-                builder.communicate()
-                skip(f"memory {name}", "building the random weights did not finish in time")
-                continue
-            if builder.returncode != 0:
-                skip(f"memory {name}", f"building the random weights failed: {tail(err, 800)}")
-                continue
-        if not has_ts:
-            skip(f"memory {name}", "TorchServe's ts is not importable")
-        else:
-            worker_section(name, models[name], env, clock, report)
-        speed_section(name, env, clock, report, rows, args.work)
-    report["sections"]["speed"] = rows
-    report["checks"] += speed_checks(rows)
-    hf_section(staging["hf"], env, clock, report)
+def context_part(ctx: Context) -> None:
+    result = run([sys.executable, "-m", "gpt2ops.measure_cuda_context", "--json"], ctx.env, ctx.timeout(90))
+    ctx.report["sections"]["cuda_context"] = last_json_block(result["stdout"]) or {
+        "rc": result["rc"], "stderr": tail(result["stderr"])}
 
-    report["elapsed_s"] = round(clock.elapsed(), 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu-report.json").write_text(json.dumps(report, indent=2, default=str))
-    (args.out / "gpu-report.md").write_text(markdown(report))
-    failed = [c for c in report["checks"] if c["result"] != "pass"]
-    print(f"wrote {args.out / 'gpu-report.md'} and gpu-report.json in {report['elapsed_s']} s: "
-          f"{len(report['checks']) - len(failed)} of {len(report['checks'])} checks passed")
-    for c in failed:
-        print(f"  {c['result']}: {c['check']}: {c['measured']} (target {c['target']})")
-    return 0 if not failed else 1
+
+def invariance_part(ctx: Context) -> None:
+    folder = model_ready("110m", ctx)
+    if folder is None:
+        return
+    result = run([sys.executable, "-c", BATCH_INVARIANCE, str(folder)], ctx.env, ctx.timeout(120))
+    rows = last_json(result["stdout"]) if result["rc"] == 0 else None
+    if rows is None:
+        ctx.skip("batch invariance", f"rc {result['rc']}: {tail(result['stderr'], 800)}")
+        return
+    ctx.report["sections"]["batch_invariance"] = rows
+    for shapes, row in rows.items():
+        ctx.report["checks"].append(check(
+            f"110m batch invariance, decode_shapes {shapes}: one request alone vs beside seven", row["identical"],
+            f"{row['same']}/{row['tokens']} tokens the same (first difference at {row['first_difference']})",
+            "identical tokens"))
+
+
+def hf_part(ctx: Context) -> None:
+    staged = stage("transformers 4.55.4", ctx.args.wheels / "hf", ctx.args.work / "site" / "hf",
+                   ["transformers", "tokenizers", "huggingface-hub"], ctx.env, ctx.timeout(180))
+    ctx.report["staging"]["hf"] = staged
+    hf_section(staged, ctx)
 
 
 def last_json_block(text: str) -> dict | None:
@@ -390,9 +627,15 @@ def last_json_block(text: str) -> dict | None:
         return last_json(text)
 
 
-def worker_section(name: str, model_dir: Path, env: dict, clock: Clock, report: dict) -> None:
-    result = run([sys.executable, "-c", WORKER, str(model_dir)], env, min(240.0, clock.left() - 30))
+def worker_section(name: str, model_dir: Path, ctx: Context) -> None:
+    report = ctx.report
+    result = run([sys.executable, "-c", WORKER, str(model_dir)], ctx.env, ctx.timeout(240))
+    if result.get("skipped"):
+        report["checks"].append(check(f"{name}: worker starts", None, "not run: time", "starts"))
+        return
     worker = last_json(result["stdout"]) if result["rc"] == 0 else None
+    if worker is None and result.get("timed_out") and result["timeout_s"] < 240:
+        raise CutShort(f"the {name} worker was stopped at the deadline")
     if worker is None:
         why = "timed out" if result.get("timed_out") else f"rc {result['rc']}"
         report["sections"][f"worker_{name}"] = {"error": why, "stderr": tail(result["stderr"])}
@@ -408,54 +651,49 @@ def worker_section(name: str, model_dir: Path, env: dict, clock: Clock, report: 
                "--decode-step", "graphs" if live == "cuda-graphs" else "eager", "--json"]
         if report["environment"]["capability"][0] < 9:
             cmd += ["--workspace-mib", "8.125"]
-        planned = run(cmd, env, 60)
+        planned = run(cmd, ctx.env, ctx.timeout(60))
         plan = last_json_block(planned["stdout"])
     report["sections"][f"worker_{name}"] = {**worker, "plan": plan, "log_tail": tail(result["stderr"], 2000)}
     report["checks"] += memory_checks(name, worker, plan)
 
 
-def speed_section(name: str, env: dict, clock: Clock, report: dict, rows: list[dict], work: Path) -> None:
-    for shape, batch, steps in SPEED:
-        if shape != name:
-            continue
-        out = work / f"speed-{shape}-{batch}.json"
-        out.unlink(missing_ok=True)
-        result = run([sys.executable, "-m", "benchmarks.decode", "--device", "cuda", "--shape", shape, "--batch",
-                      str(batch), "--modes", "contrastive", "--new-tokens", str(NEW_TOKENS), "--steps", *steps,
-                      "--json", str(out)], env, min(150.0, clock.left() - 20))
-        if out.is_file():
-            rows += json.loads(out.read_text())["rows"]
-        else:
-            why = "timed out" if result.get("timed_out") else (result.get("skipped") or f"rc {result['rc']}")
-            skip(f"speed {shape} batch {batch}", f"{why}: {tail(result['stderr'], 800)}")
-
-
-def hf_section(staged: dict, env: dict, clock: Clock, report: dict) -> None:
+def hf_section(staged: dict, ctx: Context) -> None:
     if not staged.get("staged"):
-        skip("transformers 4.55.4 baseline", staged.get("reason", "not staged"))
+        ctx.skip("transformers 4.55.4 baseline", staged.get("reason", "not staged"))
         return
-    hf_env = dict(env, PYTHONPATH=os.pathsep.join([staged["site"], str(REPO)]))
+    hf_env = dict(ctx.env, PYTHONPATH=os.pathsep.join([staged["site"], str(REPO)]))
     rows = []
     for shape, batches in (("110m", ["1", "8", "32"]), ("3.5b", ["1", "8"])):
         result = run([sys.executable, "-m", "benchmarks.hf_contrastive", "--device", "cuda", "--shape", shape,
-                      "--batch", *batches, "--new-tokens", str(NEW_TOKENS)], hf_env, min(120.0, clock.left()))
+                      "--batch", *batches, "--new-tokens", str(NEW_TOKENS)], hf_env, ctx.timeout(120))
         for line in result["stdout"].splitlines():
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             if len(cells) == 5 and cells[1].startswith("hf-"):
                 rows.append({"shape": cells[0], "batch": int(cells[2]), "ms_per_step": float(cells[3]),
                              "tokens_per_s": float(cells[4].replace(",", ""))})
-        if result["rc"] != 0:
-            skip(f"transformers 4.55.4 baseline {shape}", f"rc {result['rc']}: {tail(result['stderr'], 800)}")
-    report["sections"]["hf_baseline"] = rows
+        if result.get("skipped"):
+            ctx.skip(f"transformers 4.55.4 baseline {shape}", "not run: time")
+        elif result["rc"] != 0:
+            ctx.skip(f"transformers 4.55.4 baseline {shape}", f"rc {result['rc']}: {tail(result['stderr'], 800)}")
+    ctx.report["sections"]["hf_baseline"] = rows
 
 
 def markdown(r: dict) -> str:
     e = r["environment"]
-    lines = ["# GPU report", "",
-             f"{e['gpu']} (compute capability {'.'.join(map(str, e['capability']))}), driver {e.get('driver')}; "
+    lines = ["# GPU report" + (" (dry run: a fake clock, nothing measured)" if r.get("dry_run") else ""), "",
+             f"{e['gpu']} (compute capability {'.'.join(map(str, e.get('capability', [])))}), driver {e.get('driver')}; "
              f"torch {e['torch']} (CUDA {e['cuda']}), triton {e.get('triton')}, transformers {e.get('transformers')}, "
              f"ts {e.get('ts')}, Python {e['python']}; {e['date']}; written in {r['elapsed_s']} s by "
-             "`make gpu-report` (gpt2ops/gpu_report.py).", "", "## Checks", "",
+             "`make gpu-report` (gpt2ops/gpu_report.py).", "",
+             "| | ran on | the image ships |", "|---|---|---|",
+             f"| torch | {e.get('torch')} | {(r.get('image') or {}).get('torch')} |",
+             f"| CUDA | {e.get('cuda')} | {(r.get('image') or {}).get('torch_index')} |",
+             f"| driver | {e.get('driver')} | (the host's) |",
+             f"| TorchServe | {e.get('ts')} | {(r.get('image') or {}).get('torchserve')} |", "",
+             "## Parts, in priority order", ""]
+    lines += [f"- {p['part']}: {p['result']}" + (f" (at {p['at_s']} s)" if p.get("at_s") is not None else "")
+              for p in r.get("parts", [])]
+    lines += ["", "## Checks", "",
              "| check | result | measured | target |", "|---|---|---|---|"]
     lines += [f"| {c['check']} | {c['result']} | {c['measured']} | {c['target']} |" for c in r["checks"]]
     tests = r["sections"].get("gpu_tests")
@@ -474,7 +712,7 @@ def markdown(r: dict) -> str:
                   f"decode step **{step['live']}**: {step['reason']}", "",
                   f"Fast step: shapes {step.get('shapes')}, skipped {step.get('skipped_shapes')}, compile "
                   f"{step.get('compile_s')} s, capture {step.get('capture_s')} s, graphs' pool {step.get('graph_mib')} MiB; "
-                  f"self-check {json.dumps(step.get('self_check'))}", "",
+                  f"self-check {json.dumps(step.get('step_check'))}", "",
                   f"Memory: NVML {mem.get('driver_figure')} total **{mem.get('total_mib')} MiB**, named parts explain "
                   f"{mem.get('parts_explain_percent')}%.", "", "| part | MiB | plan_memory.py |", "|---|---:|---:|"]
         plan = (w.get("plan") or {}).get("per_worker_mib", {})
@@ -508,11 +746,13 @@ def markdown(r: dict) -> str:
     agreement = []
     for name in SHAPES:
         step = (r["sections"].get(f"worker_{name}") or {}).get("describe", {}).get("decode_step", {})
-        if step.get("self_check"):
-            sc = step["self_check"]
+        if step.get("step_check"):
+            sc, ag = step["step_check"], step.get("agreement") or {}
             agreement.append(f"- {name} worker's self-check ({step['path']}, weights std {INIT_STD}): "
-                             f"{sc['tokens'] - sc['differing_tokens']}/{sc['tokens']} tokens as eager "
-                             f"(first difference: {sc['first_mismatch']})")
+                             f"{sc['compared']} slot steps within {sc['tolerance']:.3g}, {sc['near_ties']} near ties, "
+                             f"{sc['failures']} failures, worst {sc['worst']}; end to end "
+                             f"{ag.get('tokens', 0) - ag.get('differing_tokens', 0)}/{ag.get('tokens')} tokens as "
+                             f"eager (not gating; first difference: {ag.get('first_mismatch')})")
     for row in rows:
         for s in ("graphs", "trees", "compiled"):
             x = row["steps"].get(s)
@@ -521,6 +761,11 @@ def markdown(r: dict) -> str:
                                  f"{x['agreement_with_first']:.3f} of the tokens")
     if agreement:
         lines += ["", "## Float16: eager against the fast step, token by token", ""] + agreement
+    inv = r["sections"].get("batch_invariance")
+    if inv:
+        lines += ["", "## Batch invariance (110m, eager fp16): one request alone vs beside seven others", "",
+                  "| decode_shapes | tokens the same | identical |", "|---|---:|---|"]
+        lines += [f"| {k} | {v['same']}/{v['tokens']} | {v['identical']} |" for k, v in inv.items()]
     if r["skipped"]:
         lines += ["", "## Skipped", ""] + [f"- {s['section']}: {s['reason']}" for s in r["skipped"]]
     return "\n".join(lines) + "\n"

@@ -59,6 +59,7 @@ torch.cuda.set_device(device)
 torch.zeros(1, device=device)  # the context, and nothing else
 torch.cuda.synchronize(device)
 out["process_after"], out["device_used_after"] = nvml() if nvml else (None, None)
+out["driver_figure_note"] = nvml.note if nvml else None  # how this process was found in NVML's list (host PIDs)
 out["reserved"] = torch.cuda.memory_reserved(device)
 out["allocated"] = torch.cuda.memory_allocated(device)
 print(json.dumps(out))
@@ -92,6 +93,7 @@ def summarize(raw: dict) -> dict:
         "process_mib": _mib(process),
         "reserved_mib": _mib(raw.get("reserved", 0)),
         "context_mib": _mib(None if process is None else process - raw.get("reserved", 0)),
+        "note": raw.get("driver_figure_note"),
     }
     if raw.get("process_before") is not None:  # a context existed before torch.zeros: the figure is not clean
         row["warning"] = f"the process already held {_mib(raw['process_before'])} MiB before the context"

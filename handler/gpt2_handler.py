@@ -32,11 +32,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import time
 
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.engine.compiled import enable_fast_path
+from handler.engine.fast_path import enable_fast_path
+from handler.engine.precision import own_matmul_precision
 from handler.engine.scheduler import Engine
 from handler.memory.ledger import MemoryLedger
 from handler.memory.plan import ModelShape
@@ -53,11 +56,21 @@ from handler.engine.text import detokenizer
 
 logger = logging.getLogger(__name__)
 
+EXIT_UNHEALTHY = 70  # the worker exits after a sticky device fault; TorchServe starts a fresh one
+EXIT_DELAY_S = 1.0  # time for the call's answers to reach the frontend first
+
+
+def exit_after_answers(reason: str) -> None:
+    """Exit the worker process once this call's answers are out (TorchServe restarts a worker that died)."""
+    logger.critical("exiting with status %d so that TorchServe restarts this worker: %s", EXIT_UNHEALTHY, reason)
+    threading.Timer(EXIT_DELAY_S, os._exit, args=(EXIT_UNHEALTHY,)).start()
+
 
 class ContrastiveGPT2Handler(BaseHandler):
     """Serves GPT-2 text generation: contrastive search and sampling, greedy, sampling."""
 
     def initialize(self, context):
+        self.precision = own_matmul_precision()  # after TorchServe's import, which may have turned TF32 on
         self.settings = settings = HandlerSettings.from_model_config(context.model_yaml_config)
         self.device = worker_device(context.system_properties)
         self.ledger = MemoryLedger.for_device(self.device)
@@ -76,6 +89,7 @@ class ContrastiveGPT2Handler(BaseHandler):
         self.ledger.mark("pool")
         self.fast_path = enable_fast_path(self.engine, settings.compile)
         self.fast_path_outcome = publish_decode_step(context, self.fast_path)  # WARNING + metric when it fell back
+        self.fast_path.on_unhealthy = lambda reason: self.exit_for_restart(reason)
         self.ledger.mark("graphs", graph_pool=self.fast_path.graph_pool)
         self.admission = Admission(settings.limits, model.n_positions, pool,
                                    self.engine.pool.nbytes() // (pool.max_slots * pool.max_len),
@@ -99,11 +113,16 @@ class ContrastiveGPT2Handler(BaseHandler):
                                  iteration_s=settings.iteration_ms / 1000)
         self.initialized = True
 
+    health_probe = None  # how the device is probed after a fault (None: handler.engine.fast_path.device_healthy)
+    exit_for_restart = staticmethod(exit_after_answers)
+
     def handle(self, data, context):
         """One call of TorchServe: a list of answers as long as `data`, whatever happens (module docstring)."""
         start = time.time()
         self.context = context
         try:
+            if not self.fast_path.healthy:
+                raise RuntimeError("this worker's device failed and the worker is restarting; retry")
             out = self.postprocess(self.inference(self.preprocess(data)))
         except Exception as err:  # noqa: BLE001 - the last resort: each request gets its own error
             logger.exception("a call of %d requests failed as a whole", len(data))
@@ -119,6 +138,7 @@ class ContrastiveGPT2Handler(BaseHandler):
 
     def inference(self, jobs):
         self.batching.run(jobs, self.context)
+        self.fast_path.after_fault(self.engine, self.health_probe)  # a dropped fast step: eager, or restart
         return jobs
 
     def postprocess(self, jobs):
@@ -140,6 +160,7 @@ class ContrastiveGPT2Handler(BaseHandler):
             "memory": self.memory_report,
             "device": str(self.device),
             "dtype": str(self.loaded.model.dtype).replace("torch.", ""),
+            "precision": self.precision,
             "scheduling": "continuous" if self.settings.continuous_batching else "run to completion",
             "decode_step": {"live": self.engine.step_path, "dropped_while_serving": self.engine.step_error,
                             **self.fast_path.as_dict(), **self.fast_path_outcome},

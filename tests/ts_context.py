@@ -1,8 +1,7 @@
-"""A TorchServe `Context` as the worker builds it, for driving the handler in-process.
+"""TorchServe's worker and frontend around an in-process handler, for the tests.
 
-`model_service_worker` gives the handler a `ts.context.Context` with the model
-folder, `gpu_id`, batch size, the parsed model-config.yaml and a metrics cache;
-per batch it sets `request_ids`, `request_processor` (one per request, with its
+The context itself is the package's (`gpt2ops.worker_context.make_context`, re-exported here); per batch the
+worker sets `request_ids`, `request_processor` (one per request, with its
 headers) and `cl_socket` (where intermediate, streamed responses are written).
 """
 
@@ -10,14 +9,13 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
-import ts
 from ts.context import Context, RequestProcessor
-from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.protocol.otf_message_handler import create_predict_response
 
-METRICS_YAML = Path(ts.__file__).parent / "configs" / "metrics.yaml"
+from gpt2ops.worker_context import make_context
+
+__all__ = ["Frontend", "RecordingSocket", "make_context", "start_batch", "statuses"]
 
 
 class RecordingSocket:
@@ -33,14 +31,6 @@ class RecordingSocket:
         """The JSON lines of every intermediate message, in order."""
         text = b"".join(self.sent).decode("utf-8", errors="replace")
         return [json.loads(m) for m in re.findall(r'(\{"text": .*?\})\n', text)]
-
-
-def make_context(model_dir: Path, model_yaml_config: dict, gpu: int | None = None) -> Context:
-    metrics = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
-    metrics.initialize_cache()
-    manifest = {"model": {"modelName": "tiny-gpt2", "handler": "gpt2_handler.py"}}
-    return Context("tiny-gpt2", str(model_dir), manifest, model_yaml_config.get("batchSize", 1), gpu,
-                   ts.__version__, metrics=metrics, model_yaml_config=model_yaml_config)
 
 
 def start_batch(context: Context, headers: list[dict]) -> RecordingSocket:

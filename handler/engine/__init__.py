@@ -5,7 +5,9 @@ No TorchServe here (the handler in `handler.gpt2_handler` adapts TorchServe to i
 - `model`      a compact GPT-2 forward over the pool's cache, on a Hugging Face model's weights
 - `pool`       the buffers allocated once at start: KV cache, context hidden states, token slots, per-slot state
 - `step`       prefill of one request into a slot; one decode step over the pool (the gpt-fast ladder)
-- `compiled`   the fast path: that step compiled (fullgraph), replayed from CUDA graphs, self-checked
+- `compiled`   the fast path: that step compiled (fullgraph), replayed from CUDA graphs; its memory and release
+- `fast_path`  whether it serves: the step-by-step self-check against eager, the switch, faults while serving
+- `precision`  float32 matmul precision owned by the package (TorchServe's import turns TF32 on)
 - `ranking`    contrastive search's score (Su et al. 2022, "A Contrastive Framework for Neural Text Generation")
 - `sampling`   counter-based random draws: a seed gives the same text whatever shares the pool
 - `scheduler`  the engine: waiting queue, slot assignment, continuous batching, stopping

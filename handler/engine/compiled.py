@@ -40,11 +40,15 @@ on a GPU; on the CPU, where the compiled step is only checked, none after the
 first): start-up spends about the larger of one compile and the budget on it,
 whatever the pool.
 
-Safety: `enable_fast_path` builds the fast step, then decodes a fixed set of
-requests (every mode, joins and departures) both ways, eager and fast, at the
-fast path's shapes; on any token mismatch or any error it logs why and the
-engine stays eager. A fast step that fails later, while serving, is dropped by
-the engine (`Engine._drop_step`).
+Memory: `torch.cuda.graph` empties the allocator's cache when it begins, so the
+cache is emptied *before* the "before" reading (`measure_capture`): the graphs'
+pool is then what capture added, not that minus the warm-up's cache. `release()`
+gives back what the fast step holds when it does not serve: the graphs and their
+pool, the cudagraph trees' pool (owned by the trees' manager until it is reset)
+and the capture stream's cuBLAS workspace; what the allocator still reserves
+beyond its start is returned, to be booked, not assumed 0.
+
+The self-check, the switch and the fault handling are in `handler.engine.fast_path`.
 """
 
 from __future__ import annotations
@@ -54,14 +58,13 @@ import itertools
 import logging
 import time
 import types
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from handler.engine.params import GenerationParams
 from handler.engine.pool import PoolShape, SlotPool
-from handler.engine.scheduler import Engine, Request, Shape
+from handler.engine.scheduler import Shape
 from handler.engine.step import decode_one_token
 
 logger = logging.getLogger(__name__)
@@ -69,9 +72,7 @@ logger = logging.getLogger(__name__)
 MAX_SHAPES = 4
 COMPILE_BUDGET_S = 60.0  # on a GPU: a shape after the first is compiled only if, at the first one's pace, it ends
 # within this many seconds of the start
-SETTINGS = ("auto", "on", "off")  # handler.compile (handler.serving.settings)
 GRAPH_MODES = ("manual", "trees", "none")
-SELF_CHECK_NEW_TOKENS = 16
 
 
 def fast_shapes(shape: PoolShape, max_shapes: int = MAX_SHAPES) -> list[Shape]:
@@ -122,6 +123,43 @@ class PrepareReport:
     graph_pool_allocated: int  # of which held by live tensors after capture
 
 
+class CudaAllocator:
+    """PyTorch's CUDA caching allocator, as the fast step measures and releases it (tests use a fake)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def read(self) -> tuple[int, int]:
+        """(reserved, allocated) bytes."""
+        return torch.cuda.memory_reserved(self.device), torch.cuda.memory_allocated(self.device)
+
+    def empty_cache(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+
+    def clear_workspaces(self) -> None:
+        """cuBLAS keeps one workspace per (handle, stream): the capture stream's stays unless cleared."""
+        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear is not None:
+            clear()
+
+    def reset_trees(self) -> None:
+        """cudagraph trees keep their pool in the trees' manager until it is reset."""
+        from torch._inductor import cudagraph_trees
+
+        cudagraph_trees.reset_cudagraph_trees()
+
+
+def measure_capture(allocator, capture: Callable[[], None]) -> tuple[int, int]:
+    """(reserved, allocated) bytes that `capture` adds: the cache is emptied first, as `torch.cuda.graph` does
+    when it begins, so that "before" holds only what stays."""
+    allocator.empty_cache()
+    before = allocator.read()
+    capture()
+    after = allocator.read()
+    return after[0] - before[0], after[1] - before[1]
+
+
 class FastStep:
     """The decode step of one engine, compiled per shape; on CUDA replayed from CUDA graphs.
 
@@ -130,7 +168,7 @@ class FastStep:
     """
 
     def __init__(self, model, pool: SlotPool, shapes: list[Shape], *, graphs: str = "auto",
-                 budget_s: float | None = None):
+                 budget_s: float | None = None, allocator=None):
         self.model = model
         self.pool = pool
         self.device = pool.kv.device
@@ -153,6 +191,8 @@ class FastStep:
                     torch._dynamo.mark_static_address(t)
         self.ready: dict[Shape, Callable[[], None]] = {}
         self.report: PrepareReport | None = None
+        self.at_start = (0, 0)
+        self.allocator = allocator or (CudaAllocator(self.device) if cuda else None)
         # manual capture: warm-up and capture on one side stream (each stream gets its own cuBLAS workspace)
         self._stream = torch.cuda.Stream(self.device) if graphs == "manual" else None
 
@@ -163,7 +203,7 @@ class FastStep:
     def prepare(self) -> PrepareReport:
         """Compile every shape (the first always, the others while the budget lasts), then capture the graphs."""
         start = time.perf_counter()
-        at_start = _allocator(self.device) if self.device.type == "cuda" else (0, 0)
+        self.at_start = at_start = self.allocator.read() if self.allocator is not None else (0, 0)
         built, skipped = [], []
         with torch.inference_mode(), torch._dynamo.config.patch(**_dynamo_limits(len(self.shapes))):
             first_s = 0.0  # what the first shape took: the estimate for each further one
@@ -180,21 +220,16 @@ class FastStep:
             reserved = allocated = 0
             capture_s = 0.0
             if self.graphs == "manual":
-                before = _allocator(self.device)
                 t = time.perf_counter()
-                mempool = torch.cuda.graph_pool_handle()
-                for shape in built:
-                    self.ready[shape] = self._capture(shape, mempool)
-                self._sync()
+                reserved, allocated = measure_capture(self.allocator, lambda: self._capture_all(built))
                 capture_s = time.perf_counter() - t
-                after = _allocator(self.device)
-                reserved, allocated = after[0] - before[0], after[1] - before[1]
             else:
                 for shape in built:
                     self.ready[shape] = self._direct(shape)
-                if self.graphs == "trees":  # the trees' pool came with the warm-up and recording calls (an upper
-                    # bound: the warm-up's cached activations are in it too)
-                    now = _allocator(self.device)
+                if self.graphs == "trees":  # the trees' pool came with the warm-up and recording calls; the
+                    # warm-up's cache is emptied first so that only what stays is counted
+                    self.allocator.empty_cache()
+                    now = self.allocator.read()
                     reserved, allocated = now[0] - at_start[0], now[1] - at_start[1]
         self.report = PrepareReport(self.graphs, built, skipped, compile_s, capture_s, reserved, allocated)
         logger.info("decode step %s: %d shape(s) %s in %.1f s compile + %.2f s capture%s", self.path, len(built),
@@ -206,7 +241,29 @@ class FastStep:
 
     __call__ = step
 
+    def release(self) -> int:
+        """Give back what the fast step holds (it will not serve): graphs, their pool, the trees' pool, the capture
+        stream's cuBLAS workspace. Returns the bytes the allocator still reserves beyond what it reserved when
+        `prepare` began (to be booked, not assumed 0)."""
+        self.ready.clear()
+        self.compiled = None
+        if self.allocator is None:
+            return 0
+        if self.graphs == "trees":
+            self.allocator.reset_trees()
+        self._stream = None
+        gc.collect()
+        self.allocator.clear_workspaces()
+        self.allocator.empty_cache()
+        return max(0, self.allocator.read()[0] - self.at_start[0])
+
     # ---- inside ----
+
+    def _capture_all(self, shapes: list[Shape]) -> None:
+        mempool = torch.cuda.graph_pool_handle()
+        for shape in shapes:
+            self.ready[shape] = self._capture(shape, mempool)
+        self._sync()
 
     def _direct(self, shape: Shape) -> Callable[[], None]:
         rows, k, sampling = shape
@@ -251,191 +308,3 @@ def _view_tensors(view) -> list[torch.Tensor]:
     for group in (view.state, view.params):
         out += [getattr(group, f) for f in group.__dataclass_fields__]
     return out
-
-
-def _allocator(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
-
-
-# ---- the self-check ----
-
-
-def self_check_requests(engine: Engine, new_tokens: int = SELF_CHECK_NEW_TOKENS) -> list[Request]:
-    """A fixed set: one more request than slots (one waits, then joins), every mode, lengths that end apart."""
-    S, L, top_k = engine.shape.max_slots, engine.shape.max_len, engine.shape.max_top_k
-    vocab = engine.model.vocab_size
-    modes = [GenerationParams(penalty_alpha=0.6, top_k=min(4, top_k)),
-             GenerationParams(decoding="greedy"),
-             GenerationParams(decoding="sample", do_sample=True, top_k=50, top_p=0.9, temperature=0.8),
-             GenerationParams(penalty_alpha=0.6, top_k=min(4, top_k), do_sample=True, temperature=0.7),
-             GenerationParams(penalty_alpha=0.3, top_k=top_k)]
-    if top_k < 2:  # no contrastive request fits this pool
-        modes = [m for m in modes if m.decoding != "contrastive"]
-    out = []
-    for i in range(S + 1):
-        prompt_len = max(1, min(1 + (5 * i) % 12, L - 2))
-        new = max(1, min(new_tokens - 4 * (i % 3), L - prompt_len))
-        mode = modes[i % len(modes)]
-        params = GenerationParams(**{**mode.__dict__, "max_new_tokens": new})
-        prompt = [1 + (7 * i + 13 * j) % (vocab - 1) for j in range(prompt_len)]
-        out.append(Request(f"self-check-{i}", prompt, params, (), seed=1000 + i))
-    return out
-
-
-@dataclass
-class SelfCheck:
-    """Eager against fast on the fixed set: tokens compared one by one."""
-
-    passed: bool
-    requests: int
-    tokens: int  # compared positions (the eager side's)
-    differing_tokens: int
-    first_mismatch: dict | None  # request, mode, position, eager and fast tokens there
-    eager_s: float
-    fast_s: float
-
-    @property
-    def agreement(self) -> float:
-        return 1.0 - self.differing_tokens / self.tokens if self.tokens else 1.0
-
-
-def compare_tokens(requests: list[Request], eager: list[list[int]], fast: list[list[int]]) -> tuple[int, int, dict | None]:
-    """(compared positions, differing positions, the first mismatch); a missing or extra token differs."""
-    total = differing = 0
-    first = None
-    for req, a, b in zip(requests, eager, fast):
-        n = max(len(a), len(b))
-        total += len(a)
-        for pos in range(n):
-            x = a[pos] if pos < len(a) else None
-            y = b[pos] if pos < len(b) else None
-            if x != y:
-                differing += 1
-                if first is None:
-                    first = {"request": req.request_id, "mode": req.params.decoding,
-                             "do_sample": req.params.do_sample, "position": pos, "eager": x, "fast": y}
-    return total, differing, first
-
-
-def run_self_check(engine: Engine, fast: Callable[[int, int, bool], None], shapes: list[Shape], path: str,
-                   new_tokens: int = SELF_CHECK_NEW_TOKENS) -> SelfCheck:
-    """Decode the fixed set eager then fast, both at `shapes`; the engine is left eager (all buckets)."""
-    requests = self_check_requests(engine, new_tokens)
-    try:
-        engine.set_step(None, shapes)
-        t = time.perf_counter()
-        eager_gens = engine.generate(requests)
-        eager_s = time.perf_counter() - t
-        _raise_failed("eager", eager_gens)
-        engine.set_step(fast, shapes, path)
-        t = time.perf_counter()
-        fast_gens = engine.generate(requests)
-        fast_s = time.perf_counter() - t
-        if engine.step_error is not None:
-            raise RuntimeError(f"the fast step failed: {engine.step_error}")
-        _raise_failed("fast", fast_gens)
-    finally:
-        engine.step_error = None
-        if not engine.busy:
-            engine.set_step(None)
-    tokens, differing, first = compare_tokens(requests, [g.tokens for g in eager_gens], [g.tokens for g in fast_gens])
-    return SelfCheck(differing == 0 and tokens > 0, len(requests), tokens, differing, first, eager_s, fast_s)
-
-
-def _raise_failed(way: str, gens) -> None:
-    failed = [g for g in gens if g.error is not None]
-    if failed:
-        raise RuntimeError(f"self-check request {failed[0].request_id} failed {way}: {failed[0].error!r}") \
-            from failed[0].error
-
-
-# ---- the switch ----
-
-
-@dataclass
-class FastPathReport:
-    """Which decode step serves, and why (describe_handle's `decode_step`)."""
-
-    setting: str
-    device: str
-    path: str = "eager"  # eager | compiled | cuda-graphs | cuda-graph-trees
-    reason: str = ""
-    graphs: str = "none"
-    shapes: list[Shape] = field(default_factory=list)
-    skipped_shapes: list[Shape] = field(default_factory=list)
-    compile_s: float | None = None
-    capture_s: float | None = None
-    graph_pool_reserved: int = 0
-    graph_pool_allocated: int = 0
-    self_check: dict | None = None
-    error: str | None = None
-    fast_step: FastStep | None = field(default=None, repr=False)  # alive while it serves
-
-    @property
-    def graph_pool(self) -> tuple[int, int]:
-        return self.graph_pool_reserved, self.graph_pool_allocated
-
-    def as_dict(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k != "fast_step"}
-        out["shapes"] = [list(s) for s in self.shapes]
-        out["skipped_shapes"] = [list(s) for s in self.skipped_shapes]
-        out["graph_mib"] = round(self.graph_pool_reserved / 2**20, 1)
-        for key in ("compile_s", "capture_s"):
-            if out[key] is not None:
-                out[key] = round(out[key], 3)
-        return out
-
-
-def enable_fast_path(engine: Engine, setting: str = "auto", *, graphs: str = "auto", max_shapes: int = MAX_SHAPES,
-                     budget_s: float | None = None, build: Callable[..., FastStep] | None = None) -> FastPathReport:
-    """Build the fast step for `engine`, self-check it, and install it when it passes; never raises for it.
-
-    setting: auto (compiled and CUDA graphs on a GPU; eager on the CPU, where the compiled step measured slower),
-    on (compiled on any device: on the CPU, Inductor's C++ step, no graphs), off (eager).
-    """
-    device = engine.pool.kv.device
-    report = FastPathReport(setting, str(device))
-    if setting not in SETTINGS:
-        raise ValueError(f"compile must be one of {SETTINGS}, got {setting!r}")
-    if setting == "off":
-        report.reason = "compile: off"
-        return report
-    if setting == "auto" and device.type != "cuda":
-        report.reason = ("compile: auto on the CPU serves eager (the compiled step measured slower than eager "
-                         "on the CPU; compile: on forces it)")
-        return report
-    shapes = fast_shapes(engine.shape, max_shapes)
-    fast = None
-    try:
-        fast = (build or FastStep)(engine.model, engine.pool, shapes, graphs=graphs, budget_s=budget_s)
-        prep = fast.prepare()
-        report.graphs, report.shapes, report.skipped_shapes = prep.graphs, prep.shapes, prep.skipped_shapes
-        report.compile_s, report.capture_s = prep.compile_s, prep.capture_s
-        report.graph_pool_reserved, report.graph_pool_allocated = prep.graph_pool_reserved, prep.graph_pool_allocated
-        check = run_self_check(engine, fast, prep.shapes, fast.path)
-        report.self_check = {**asdict(check), "agreement": round(check.agreement, 6)}
-        if not check.passed:
-            report.reason = (f"self-check: {check.differing_tokens} of {check.tokens} tokens differ from eager "
-                             f"(first: {check.first_mismatch}); serving eager")
-            logger.warning("fast decode step (%s) rejected: %s", fast.path, report.reason)
-        else:
-            engine.set_step(fast, prep.shapes, fast.path)
-            report.path = fast.path
-            report.reason = f"self-check passed: {check.tokens} tokens of {check.requests} requests as eager"
-            report.fast_step = fast
-            logger.info("decode step: %s (%s)", fast.path, report.reason)
-    except Exception as err:  # noqa: BLE001 - whatever went wrong, the eager step serves
-        logger.exception("fast decode step unavailable; serving eager")
-        report.error = f"{type(err).__name__}: {err}"
-        report.reason = f"building or checking the fast step failed ({report.error}); serving eager"
-        engine.set_step(None)
-    if report.fast_step is None:
-        report.path = "eager"
-        del fast
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            report.graph_pool_reserved = report.graph_pool_allocated = 0  # released with the graphs
-    elif device.type == "cuda":
-        torch.cuda.empty_cache()  # the eager self-check's cached activations; the graphs' pool stays
-    return report

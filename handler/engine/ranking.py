@@ -41,20 +41,26 @@ def contrastive_scores(cand_prob: torch.Tensor, penalty: torch.Tensor, alpha: to
     return (1.0 - a) * cand_prob - a * penalty
 
 
-def select_candidates(
+def choice_values(
     scores: torch.Tensor,
     cand_valid: torch.Tensor,
     sample: torch.Tensor,
     temperature: torch.Tensor,
     noise: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Index of the chosen candidate per row.
+    """What each row's chosen candidate is the argmax of: the scores (Gumbel-perturbed on sampling rows), -inf
+    where a candidate is not valid.
 
     scores [B, K]; cand_valid [B, K] bool (rows may use fewer than K candidates);
     sample [B] bool (contrastive sampling rows); temperature [B]; noise [B, K]
-    Gumbel noise, or None when no row samples. Returns [B] long.
+    Gumbel noise, or None when no row samples. Returns [B, K].
     """
     if noise is not None:
         sampled = scores / temperature[:, None] + noise
         scores = torch.where(sample[:, None], sampled, scores)
-    return scores.masked_fill(~cand_valid, float("-inf")).argmax(dim=-1)
+    return scores.masked_fill(~cand_valid, float("-inf"))
+
+
+def select_candidates(scores, cand_valid, sample, temperature, noise) -> torch.Tensor:
+    """Index [B] of the chosen candidate per row (see `choice_values`)."""
+    return choice_values(scores, cand_valid, sample, temperature, noise).argmax(dim=-1)

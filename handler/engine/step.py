@@ -8,7 +8,7 @@ small functions in the style of gpt-fast's `generate.py`:
     decode_one_token              one step for every slot of a view of the pool
       |- propose                  top-K candidates (or the greedy / sampled token as candidate 0)
       |- model.candidates         one forward for all R*K candidates
-      |- rank                     contrastive score (handler.engine.ranking)
+      |- rank_values              contrastive score (handler.engine.ranking); the winner is its argmax
       '- commit                   winner's token, cache position, hidden state, next logits; eos and length
 
 Every mode runs through the same step: greedy and sampling slots are slots with
@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from handler.engine.pool import EOS_WIDTH, PoolView, SlotPool
-from handler.engine.ranking import contrastive_scores, degeneration_penalty, select_candidates, unit
+from handler.engine.ranking import choice_values, contrastive_scores, degeneration_penalty, unit
 from handler.engine.sampling import STREAM_CONTRASTIVE, gumbel, sample_tokens
 
 PAD_ID = 0  # the token finished and free slots feed; never attended to
@@ -96,6 +96,13 @@ def propose(view: PoolView, K: int, sampling: bool) -> tuple[torch.Tensor, torch
 
 def rank(view: PoolView, cand: torch.Tensor, cand_prob: torch.Tensor, cand_hidden: torch.Tensor) -> torch.Tensor:
     """Index [R] of each slot's winning candidate, from the float32 contrastive score."""
+    return rank_values(view, cand, cand_prob, cand_hidden).argmax(dim=-1)
+
+
+def rank_values(view: PoolView, cand: torch.Tensor, cand_prob: torch.Tensor, cand_hidden: torch.Tensor
+                ) -> torch.Tensor:
+    """[R, K] float32 values each slot's winning candidate is the argmax of: the contrastive score (Gumbel-perturbed
+    for contrastive sampling), -inf past the slot's k (the self-check reads its margins)."""
     R, K = cand.shape
     p = view.params
     cand_valid = torch.arange(K, device=cand.device)[None, :] < p.num_candidates[:, None]  # [R, K]
@@ -103,7 +110,7 @@ def rank(view: PoolView, cand: torch.Tensor, cand_prob: torch.Tensor, cand_hidde
     penalty = degeneration_penalty(unit(cand_hidden.float()), view.hidden, ctx_valid)  # [R, K]
     scores = contrastive_scores(cand_prob, penalty, p.alpha)  # [R, K]
     noise = gumbel(p.seed, view.state.generated, cand, STREAM_CONTRASTIVE)  # [R, K]
-    return select_candidates(scores, cand_valid, p.contrastive_sample, p.temperature, noise)
+    return choice_values(scores, cand_valid, p.contrastive_sample, p.temperature, noise)
 
 
 def commit(model, view: PoolView, cand: torch.Tensor, sel: torch.Tensor, cand_hidden: torch.Tensor) -> None:
@@ -131,15 +138,17 @@ def commit(model, view: PoolView, cand: torch.Tensor, sel: torch.Tensor, cand_hi
     st.finished |= eos | (st.generated >= p.max_new)
 
 
-def decode_one_token(model, view: PoolView, K: int, sampling: bool) -> None:
+def decode_one_token(model, view: PoolView, K: int, sampling: bool) -> torch.Tensor:
     """One step for every slot of `view` (finished and free slots run too and stay unchanged), in place.
 
     K: candidates per slot (a bucket >= every slot's k); sampling: whether some
-    slot samples (the [R, V] sort is skipped otherwise).
+    slot samples (the [R, V] sort is skipped otherwise). Returns the ranking's values [R, K] (what the
+    winner is the argmax of; the compiled step discards them).
     """
     cand, cand_prob = propose(view, K, sampling)  # [R, K]
     scratch = view.scratch + torch.arange(K, device=cand.device)  # [K]: candidate j at max_len + j
     positions = view.state.next_pos.clamp(max=model.n_positions - 1)  # [R]
     cand_hidden = model.candidates(cand, positions, scratch, view.valid, view.kv)  # [R, K, d]
-    sel = rank(view, cand, cand_prob, cand_hidden)  # [R]
-    commit(model, view, cand, sel, cand_hidden)
+    values = rank_values(view, cand, cand_prob, cand_hidden)  # [R, K]
+    commit(model, view, cand, values.argmax(dim=-1), cand_hidden)
+    return values

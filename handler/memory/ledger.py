@@ -20,10 +20,19 @@ lazily after the context was measured); a healthy worker keeps it within a few
 percent of the total.
 
 NVML is queried through `nvidia-ml-py` by the device's UUID, so that
-`CUDA_VISIBLE_DEVICES` renumbering is no trap; where the process is not listed
-(another PID namespace), the device's used memory minus what it was before
-CUDA was touched stands in for it, and the report says so. On the CPU the
-report says there is no GPU instead of failing.
+`CUDA_VISIBLE_DEVICES` renumbering is no trap. In Docker or Kubernetes the
+worker runs in its own PID namespace while NVML lists host PIDs, so
+`os.getpid()` is not in the list. The worker's line is then found by what
+survives the namespace (`NvmlQuery`): the device's processes are listed before
+CUDA is touched and again once this worker's context exists; exactly one new
+process is this worker (it has a context by then, so it is listed). When that is
+ambiguous (another process started in the same moment) or NVML lists no
+processes (some MIG and vGPU setups), the device's used memory minus what it was
+before CUDA was touched stands in, and the report says that this figure is
+device-wide and why (`driver_figure_note`): it is wrong as soon as something
+else changes its use of the GPU (MPS, time-slicing, a restarting worker). An
+NVML error never fails the worker: that stage's driver figures are None, and the
+note says why. On the CPU the report says there is no GPU instead of failing.
 """
 
 from __future__ import annotations
@@ -56,26 +65,52 @@ class Reading:
 
 
 class NvmlQuery:
-    """Reads NVML for one CUDA device: (this process's used bytes or None, device used bytes)."""
+    """Reads NVML for one CUDA device: (this process's used bytes or None, device used bytes).
 
-    def __init__(self, device: torch.device):
-        import pynvml  # nvidia-ml-py
+    The first call must come before this process touches CUDA (the ledger's "start"): it lists the device's
+    processes then, so that a later call can find this worker's host PID (module docstring). `pid` is the PID
+    NVML knows this worker by, `note` how it was found or why it was not."""
 
-        pynvml.nvmlInit()
-        self._nvml = pynvml
-        uuid = str(torch.cuda.get_device_properties(device).uuid)
-        self.handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
-        self.driver_version = _text(pynvml.nvmlSystemGetDriverVersion())
-        self.name = _text(pynvml.nvmlDeviceGetName(self.handle))
-        self.total = pynvml.nvmlDeviceGetMemoryInfo(self.handle).total
+    def __init__(self, device: torch.device, *, nvml=None, uuid: str | None = None, own_pid: int | None = None):
+        if nvml is None:
+            import pynvml as nvml  # nvidia-ml-py
+
+        nvml.nvmlInit()
+        self._nvml = nvml
+        uuid = uuid or str(torch.cuda.get_device_properties(device).uuid)
+        self.handle = nvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        self.driver_version = _text(nvml.nvmlSystemGetDriverVersion())
+        self.name = _text(nvml.nvmlDeviceGetName(self.handle))
+        self.total = nvml.nvmlDeviceGetMemoryInfo(self.handle).total
+        self.own_pid = own_pid if own_pid is not None else os.getpid()
+        self.pid: int | None = None
+        self.note = "this process is not listed yet"
+        self._before: set[int] | None = None  # PIDs on the device before this process touched CUDA
 
     def __call__(self) -> tuple[int | None, int]:
-        pid = os.getpid()
-        mine = None
-        for proc in self._nvml.nvmlDeviceGetComputeRunningProcesses(self.handle):
-            if proc.pid == pid and proc.usedGpuMemory is not None:
-                mine = int(proc.usedGpuMemory)
-        return mine, int(self._nvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+        procs = {p.pid: p.usedGpuMemory for p in self._nvml.nvmlDeviceGetComputeRunningProcesses(self.handle)}
+        used = int(self._nvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+        if self.pid is None:
+            self._find_self(procs)
+        mine = procs.get(self.pid) if self.pid is not None else None
+        return (int(mine) if mine is not None else None), used
+
+    def _find_self(self, procs: dict) -> None:
+        if self.own_pid in procs:
+            self.pid, self.note = self.own_pid, "NVML lists this process by its own PID"
+        elif self._before is None:
+            self._before = set(procs)
+        else:
+            new = set(procs) - self._before
+            if len(new) == 1:
+                self.pid = new.pop()
+                self.note = (f"NVML lists host PIDs (this worker is {self.own_pid} in its PID namespace): found as "
+                             f"host PID {self.pid}, the one process that appeared on the device when this worker "
+                             "created its CUDA context")
+            else:
+                self.note = (f"device-wide: NVML lists host PIDs and {len(new)} processes appeared on the device "
+                             "while this worker created its CUDA context, so its own line is unknown; the figure is "
+                             "the device's growth, which counts any other process's change too")
 
 
 def _text(value) -> str:
@@ -93,6 +128,7 @@ class MemoryLedger:
         self.driver_version = driver_version
         self.gpu_total = gpu_total
         self.readings: dict[str, Reading] = {}
+        self.nvml_errors: list[str] = []  # NVML failures (never fatal): those stages lack the driver's figures
         self.graph_pool: tuple[int, int] = (0, 0)  # (reserved, allocated) bytes of the CUDA graphs' memory pool
 
     @classmethod
@@ -124,7 +160,13 @@ class MemoryLedger:
             if stage != GRAPHS:
                 raise ValueError("graph_pool belongs to the graphs stage")
             self.graph_pool = (int(graph_pool[0]), int(graph_pool[1]))
-        mine, used = self.query() if self.query is not None else (None, None)
+        mine, used = None, None
+        if self.query is not None:
+            try:
+                mine, used = self.query()
+            except Exception as err:  # noqa: BLE001 - the driver's view is a report, never a reason to fail
+                logger.warning("NVML failed at stage %s (%s): no driver figures for it", stage, err)
+                self.nvml_errors.append(f"{stage}: {type(err).__name__}: {err}")
         if self.on_gpu and stage != "start":
             torch.cuda.synchronize(self.device)
             allocated = torch.cuda.memory_allocated(self.device)
@@ -155,6 +197,7 @@ class MemoryLedger:
             "driver_version": self.driver_version,
             "gpu_total_mib": _mib(self.gpu_total),
             "driver_figure": method,
+            "driver_figure_note": self._driver_note(method),
             "total_mib": _mib(total),
             "parts_mib": {k: _mib(v) for k, v in parts.items()},
             "parts_explain_percent": round(100.0 * named / total, 2) if total else None,
@@ -166,6 +209,16 @@ class MemoryLedger:
             **({"graph_pool_mib": {"reserved": _mib(self.graph_pool[0]), "allocated": _mib(self.graph_pool[1])}}
                if GRAPHS in self.readings else {}),
         }
+
+
+    def _driver_note(self, method: str) -> str:
+        note = getattr(self.query, "note", "")
+        if method == "nvml_device_delta" and not note.startswith("device-wide"):
+            note = ("device-wide: this worker's own line is not in NVML's list (" + (note or "no note") +
+                    "); the figure is the device's growth, which counts any other process's change too")
+        if self.nvml_errors:
+            note += f"; NVML errors: {self.nvml_errors}"
+        return note
 
 
 def split(readings: dict[str, Reading], graph_pool: tuple[int, int] = (0, 0)) -> tuple[dict[str, int], str]:

@@ -3,7 +3,7 @@
 - `WorkerMemoryMiB{Device, Part}`: the memory breakdown, once at start (`handler.memory.ledger`).
 - `DecodeStep{Path, Setting, FellBack, Cause}` = 1: which decode step serves (eager | compiled | cuda-graphs |
   cuda-graph-trees), for which `compile` setting, and whether it is eager because the fast step it tried failed
-  (Cause: `ok`, `off`, `auto-cpu`, `self-check`, or the error's type), once at start (`publish_decode_step`).
+  (Cause: `ok`, `off`, `auto-cpu`, `self-check`, `fault`, or the error's type), once at start (`publish_decode_step`).
 - The engine's load, at most once a second while it serves: `EngineSlots` (the pool's slots),
   `EngineSlotsInUse`, `EngineRequestsWaiting` (gauges), `EngineTimeToFirstTokenMs` (gauge: the
   latest request's), `EngineGeneratedTokens` (counter). An autoscaler reads slots in use over slots.
@@ -55,14 +55,13 @@ def publish_memory(context, device, report: dict) -> None:
 
 def decode_step_outcome(report) -> dict:
     """Whether the decode step serves eager because the fast step it tried failed, and the short cause.
-    `report`: handler.engine.compiled.FastPathReport (path, setting, error, self_check)."""
-    tried = report.error is not None or report.self_check is not None
-    fell_back = tried and report.path == "eager"
+    `report`: handler.engine.fast_path.FastPathReport (path, setting, fallback, error)."""
+    fell_back = report.fallback is not None
     if report.error is not None:
         cause = report.error.split(":", 1)[0]  # the exception's type
     elif fell_back:
-        cause = "self-check"
-    elif not tried:
+        cause = report.fallback  # "self-check" or "fault"
+    elif report.path == "eager":
         cause = "off" if report.setting == "off" else "auto-cpu"
     else:
         cause = "ok"

@@ -18,13 +18,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from handler.engine import Engine, GenerationParams, PoolShape, Request
-from handler.engine.compiled import (
-    FastStep,
-    compare_tokens,
-    enable_fast_path,
-    fast_shapes,
-    self_check_requests,
-)
+from handler.engine.compiled import FastStep, fast_shapes
+from handler.engine.fast_path import compare_tokens, enable_fast_path, self_check_requests
 from handler.engine.step import decode_one_token
 from tests.engine.conftest import EOS
 
@@ -70,13 +65,14 @@ def test_the_step_compiles_as_one_graph(compiled):
     print(f"\ncompiled the tiny model's step (pool {SHAPE}) in {report.compile_s:.1f} s")
 
 
-def test_the_self_check_compared_every_token(compiled):
+def test_the_self_check_compared_every_step_and_counted_every_token(compiled):
     engine, report, _, _ = compiled
-    check = report.self_check
-    assert check["passed"] is True and check["differing_tokens"] == 0 and check["agreement"] == 1.0
-    assert check["requests"] == SHAPE.max_slots + 1
+    check, agreement = report.step_check, report.agreement
+    assert check["passed"] is True and check["failures"] == 0 and check["compared"] > 0
+    assert max(check["worst"].values()) <= check["tolerance"] == 1e-4  # float32
+    assert agreement["requests"] == SHAPE.max_slots + 1 and agreement["agreement"] == 1.0
     expected = sum(r.params.max_new_tokens for r in self_check_requests(engine))
-    assert check["tokens"] == expected  # no eos in the self-check: every request runs to its length
+    assert agreement["tokens"] == expected  # no eos in the self-check: every request runs to its length
 
 
 def test_compiled_tokens_are_eager_tokens_for_every_mode(compiled, fp32_model):
@@ -181,12 +177,12 @@ def test_a_failing_fast_step_leaves_the_engine_eager_and_says_why(fp32_model, ca
     assert report.path == engine.step_path == "eager"
     assert words in report.reason
     assert report.fast_step is None
-    logged = [r for r in caplog.records if r.name == "handler.engine.compiled" and r.levelno >= logging.WARNING]
+    logged = [r for r in caplog.records if r.name == "handler.engine.fast_path" and r.levelno >= logging.WARNING]
     assert logged and ("serving eager" in logged[-1].getMessage() or "rejected" in logged[-1].getMessage())
     if fault == "mismatch":
-        first = report.self_check["first_mismatch"]
-        assert report.self_check["passed"] is False and report.self_check["differing_tokens"] > 0
-        assert first["eager"] != first["fast"]
+        first = report.step_check["first_failure"]
+        assert report.step_check["passed"] is False and report.step_check["failures"] > 0
+        assert report.fallback == "self-check" and any(why.startswith("token ") for why in first["why"])
     # the engine serves, eager, every bucket again
     assert len(engine.step_shapes()) > 2 and engine.step_error is None
     requests = mixed_requests(model, 3, seed=8)

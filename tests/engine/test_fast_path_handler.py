@@ -59,7 +59,8 @@ def test_compile_on_serves_the_compiled_step_and_says_so(tiny_model_dir):
     h = start(tiny_model_dir, compile="on", warmup=True)
     step = json.loads(h.describe_handle())["decode_step"]
     assert step["live"] == step["path"] == "compiled" and step["setting"] == "on"
-    assert step["self_check"]["passed"] is True and step["self_check"]["differing_tokens"] == 0
+    assert step["step_check"]["passed"] is True and step["agreement"]["differing_tokens"] == 0
+    assert step["fallback"] is None and step["healthy"] is True
     assert step["shapes"] == [[SHAPE.max_slots, SHAPE.candidates, True]]
     assert step["compile_s"] > 0 and step["graph_mib"] == 0.0 and step["error"] is None
     codes, answers = ask(h, BODIES)
@@ -79,25 +80,26 @@ def test_auto_on_the_cpu_serves_eager_and_says_why(tiny_model_dir):
 
 @pytest.mark.parametrize("fault", ["mismatch", "raise", "prepare"])
 def test_a_misbehaving_fast_step_is_refused_at_start_and_eager_serves(tiny_model_dir, monkeypatch, fault):
-    import handler.engine.compiled as compiled
+    import handler.engine.fast_path as fast_path
 
-    monkeypatch.setattr(compiled, "FastStep", fake(fault=fault))
+    monkeypatch.setattr(fast_path, "FastStep", fake(fault=fault))
     h = start(tiny_model_dir, compile="on", warmup=False)
     step = json.loads(h.describe_handle())["decode_step"]
     assert step["live"] == step["path"] == "eager"
     if fault == "mismatch":
-        assert step["self_check"]["passed"] is False and step["reason"].startswith("self-check:")
+        assert step["step_check"]["passed"] is False and step["reason"].startswith("self-check:")
+        assert step["fallback"] == "self-check"
     else:
-        assert "injected" in step["error"] and step["self_check"] is None
+        assert "injected" in step["error"] and step["step_check"] is None and step["fallback"] == "error"
     codes, answers = ask(h, BODIES[:2])
     assert codes == [200, 200]
     assert [a["token_ids"] for a in answers] == [expected(h, b) for b in BODIES[:2]]
 
 
 def test_a_fast_step_failing_while_serving_fails_its_step_then_eager_serves(tiny_model_dir, monkeypatch):
-    import handler.engine.compiled as compiled
+    import handler.engine.fast_path as fast_path
 
-    monkeypatch.setattr(compiled, "FastStep", fake())
+    monkeypatch.setattr(fast_path, "FastStep", fake())
     h = start(tiny_model_dir, compile="on", warmup=False)
     assert h.engine.step_path == "compiled"
     h.fast_path.fast_step.fail_after = h.fast_path.fast_step.calls  # from the next step on
@@ -105,5 +107,27 @@ def test_a_fast_step_failing_while_serving_fails_its_step_then_eager_serves(tiny
     assert codes == [500] and "RuntimeError" in answers[0]["message"]
     step = json.loads(h.describe_handle())["decode_step"]
     assert step["live"] == "eager" and "injected: replay failed" in step["dropped_while_serving"]
+    assert step["fallback"] == "fault" and step["healthy"] is True and "device is healthy" in step["reason"]
     codes, _ = ask(h, BODIES)
     assert codes == [200, 200, 200]
+
+
+def test_a_sticky_device_fault_in_a_replay_restarts_the_worker(tiny_model_dir, monkeypatch):
+    """A replay that faults the device (a fake: the probe says the context is gone, as after an illegal address)
+    must not leave a worker that fails every later request: it exits, so that TorchServe starts a fresh one."""
+    import handler.engine.fast_path as fast_path
+
+    monkeypatch.setattr(fast_path, "FastStep", fake())
+    h = start(tiny_model_dir, compile="on", warmup=False)
+    exits = []
+    h.health_probe = lambda: False  # fake: the device's context is unusable
+    h.exit_for_restart = exits.append  # fake: records the exit instead of ending the test process
+    h.fast_path.fast_step.fail_after = h.fast_path.fast_step.calls
+    codes, _ = ask(h, BODIES[:1])
+    assert codes == [500]
+    step = json.loads(h.describe_handle())["decode_step"]
+    assert step["healthy"] is False and step["fallback"] == "fault" and "restarted" in step["reason"]
+    assert len(exits) == 1
+    codes, answers = ask(h, BODIES[:2])  # until the exit lands, nothing runs on the broken device
+    assert codes == [500, 500] and all("RuntimeError" in a["message"] for a in answers)
+    assert len(exits) == 1

@@ -61,8 +61,10 @@ def worker(total=1000.0, explained=99.5, graphs=60.0, startup=50.0, live="cuda-g
         "memory": {"total_mib": total, "parts_mib": parts, "parts_explain_percent": explained,
                    "driver_figure": "nvml_process"},
         "decode_step": {"live": live, "path": live, "reason": "self-check passed" if passed else "self-check: 3 of 99 differ",
-                        "self_check": {"passed": passed, "tokens": 99, "differing_tokens": 0 if passed else 3,
-                                       "first_mismatch": None}, "compile_s": 30.0, "capture_s": 0.2,
+                        "step_check": {"passed": passed, "compared": 90, "near_ties": 2, "failures": 0 if passed else 3,
+                                       "tolerance": 0.0156, "worst": {"logits": 0.001}},
+                        "agreement": {"tokens": 99, "differing_tokens": 1, "first_mismatch": None},
+                        "compile_s": 30.0, "capture_s": 0.2,
                         "shapes": [[8, 16, True]], "skipped_shapes": [], "graph_mib": graphs}}}
 
 
@@ -117,6 +119,86 @@ def test_the_markdown_has_every_section(tmp_path):
         assert heading in text
     assert "| 110m | 1 | 9.00 (111) | - | 0.70 (1,400); 30 s; 0.970 | - | 12.00 (83) | 11.9 ms/step |" in text
     assert "| graphs | 60.0 |  |" in text and "| **total** | **1000.0** | **1050.0** |" in text
-    assert "- 110m worker's self-check (cuda-graphs, weights std 0.1): 99/99 tokens as eager" in text
+    assert ("- 110m worker's self-check (cuda-graphs, weights std 0.1): 90 slot steps within 0.0156, 2 near ties, "
+            "0 failures") in text and "end to end 98/99 tokens as eager (not gating" in text
     assert "- benchmark 110m batch 1, graphs vs eager (weights std 0.02): 0.970 of the tokens" in text
     json.dumps(report)  # what gpu-report.json holds
+
+
+def test_the_dry_run_keeps_the_priority_order_within_the_deadline_and_labels_what_does_not_fit(tmp_path):
+    """`--dry-run`: the real ordering and labelling code on a fake clock that moves by each part's cold estimate."""
+    proc = subprocess.run([sys.executable, "-m", "gpt2ops.gpu_report", "--dry-run", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    print(proc.stdout)
+    lines = [line for line in proc.stdout.splitlines() if line[:3].strip().rstrip(".").isdigit()]
+    names = [line.split(". ", 1)[1].split(": ")[0] for line in lines]
+    assert names == [p.name.split(": ")[0] for p in gpu_report.parts()]
+    order = ["110m worker", "110m speed batch 1", "110m speed batch 8", "110m speed batch 32", "3.5b worker",
+             "transformers 4.55.4 baseline"]
+    assert [n for n in names if n in order] == order  # the issue's priority order
+    clocks = [float(line.rsplit("(clock ", 1)[1].split(" s)")[0]) for line in lines]
+    assert clocks == sorted(clocks) and clocks[-1] <= gpu_report.DEADLINE_S  # within 8 minutes
+    labels = {line.split(". ", 1)[1].split(": ")[0]: line for line in lines}
+    assert labels["110m worker"].endswith(": ran (clock 135 s)")
+    assert ": not run: time" in labels["transformers 4.55.4 baseline"]  # last, and labelled, not failed
+    report = json.loads((tmp_path / "gpu-report.json").read_text())
+    assert report["checks"] == [] and all(not p["result"].startswith("failed") for p in report["parts"])
+    assert "not run: time" in (tmp_path / "gpu-report.md").read_text()
+
+
+class FakeCtx(gpu_report.Context):
+    """A report context on a fake clock with `left` seconds to go (no GPU, no processes)."""
+
+    def __init__(self, tmp_path, left: float):
+        clock = gpu_report.FakeClock(left + gpu_report.RESERVE_S)
+        args = type("Args", (), {"out": tmp_path, "work": tmp_path, "wheels": tmp_path})()
+        super().__init__(args, clock, {}, {"sections": {}, "checks": [], "skipped": [], "staging": {},
+                                           "environment": {"gpu": "fake", "torch": "-", "cuda": "-", "python": "-",
+                                                           "date": "-"}})
+
+
+def test_every_timeout_is_bounded_by_the_one_deadline(tmp_path):
+    ctx = FakeCtx(tmp_path, left=42.0)
+    assert ctx.timeout(180) == 42.0 and ctx.timeout(10) == 10  # pip staging's 180 s, plan_memory's 60 s, ...
+    ctx.clock.now = 100.0
+    assert ctx.timeout(60) == 0.0
+    assert gpu_report.run(["true"], {}, ctx.timeout(60))["skipped"]  # past the deadline nothing starts
+
+
+def test_a_part_skipped_for_time_is_not_a_failure_and_the_report_is_written_after_each_part(tmp_path):
+    ctx = FakeCtx(tmp_path, left=100.0)
+    ran = []
+
+    def runs(name, cost):
+        def run(c):
+            ran.append(name)
+            c.clock.now += cost
+            assert (tmp_path / "gpu-report.json").is_file() or name == "first"
+        return gpu_report.Part(name, 30, cost, run)
+
+    labels = gpu_report.run_parts([runs("first", 80), runs("second", 10)], ctx)
+    assert labels == [("first", "ran"), ("second", "not run: time")] and ran == ["first"]
+    report = json.loads((tmp_path / "gpu-report.json").read_text())
+    assert [p["result"] for p in report["parts"]] == ["ran", "not run: time"] and report["checks"] == []
+
+
+def test_the_images_versions_are_read_from_the_pins(tmp_path):
+    (tmp_path / "Dockerfile").write_text("RUN pip install --no-cache-dir torch==2.13.0 && python -c 'import torch'\n")
+    (tmp_path / "requirements-serve.txt").write_text("# no torch here\ntorchserve==0.12.0\n")
+    assert gpu_report.image_versions(tmp_path) == {"torch": "2.13.0 (Dockerfile)",
+                                                   "torch_index": "PyPI (its default CUDA build)",
+                                                   "torchserve": "0.12.0"}
+    (tmp_path / "Dockerfile").write_text("RUN pip install --index-url https://download.pytorch.org/whl/cu128 "
+                                         "torch==2.11.0\n")
+    assert gpu_report.image_versions(tmp_path)["torch_index"] == "https://download.pytorch.org/whl/cu128"
+    assert gpu_report.image_versions(REPO)["torch"] is not None  # the repo's own pin is found
+
+
+def test_a_worker_with_no_time_left_is_not_run_rather_than_failed(tmp_path):
+    """Before: "110m: worker starts: FAIL (rc None)" when the deadline had passed."""
+    ctx = FakeCtx(tmp_path, left=0.5)
+    ctx.report["environment"]["capability"] = [9, 0]
+    gpu_report.worker_section("110m", tmp_path, ctx)
+    assert ctx.report["checks"] == [{"check": "110m: worker starts", "result": "not run", "measured": "not run: time",
+                                     "target": "starts"}]

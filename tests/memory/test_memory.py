@@ -241,8 +241,8 @@ def test_peak_is_measured_from_the_previous_stage(allocator):
     assert allocator.peak == 422 * M  # reset after the last reading
 
 
-REPORT_KEYS = {"device", "gpu", "gpu_name", "driver_version", "gpu_total_mib", "driver_figure", "total_mib",
-               "parts_mib", "parts_explain_percent", "weights_expected_mib", "slot_pool_expected_mib",
+REPORT_KEYS = {"device", "gpu", "gpu_name", "driver_version", "gpu_total_mib", "driver_figure", "driver_figure_note",
+               "total_mib", "parts_mib", "parts_explain_percent", "weights_expected_mib", "slot_pool_expected_mib",
                "each_extra_worker_costs_mib", "stages"}
 
 

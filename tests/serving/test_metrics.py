@@ -58,7 +58,7 @@ def test_the_token_counter_adds_what_is_new_and_sums_to_the_total():
 # ---- which decode step serves, and why: a WARNING and the DecodeStep gauge when it fell back to eager ----
 
 
-from handler.engine.compiled import FastPathReport  # noqa: E402
+from handler.engine.fast_path import FastPathReport  # noqa: E402
 from handler.serving.metrics import publish_decode_step  # noqa: E402
 
 
@@ -69,15 +69,21 @@ class DimensionRecorder(Recorder):
 
 
 @pytest.mark.parametrize("report, fell_back, cause, warned", [
-    (FastPathReport("on", "cpu", path="compiled", self_check={"passed": True}), False, "ok", False),
+    (FastPathReport("on", "cpu", path="compiled", step_check={"passed": True}), False, "ok", False),
     (FastPathReport("off", "cpu"), False, "off", False),
     (FastPathReport("auto", "cpu"), False, "auto-cpu", False),
     # the pod's read-only root: Inductor cannot write its cache
-    (FastPathReport("on", "cpu", error="OSError: [Errno 30] Read-only file system: '/home/ts/.cache/compile'",
+    (FastPathReport("on", "cpu", fallback="error",
+                    error="OSError: [Errno 30] Read-only file system: '/home/ts/.cache/compile'",
                     reason="building or checking the fast step failed (OSError: ...); serving eager"),
      True, "OSError", True),
-    (FastPathReport("auto", "cuda:0", self_check={"passed": False}, reason="self-check: 3 of 96 tokens differ"),
+    (FastPathReport("auto", "cuda:0", fallback="self-check", step_check={"passed": False},
+                    reason="self-check: 3 of 96 tokens differ"),
      True, "self-check", True),
+    # a fault in a replay while serving: eager from then on (or a restart when the device is not healthy)
+    (FastPathReport("auto", "cuda:0", fallback="fault", fault="RuntimeError: CUDA error: an illegal memory access",
+                    reason="the fast step failed while serving; eager serves"),
+     True, "fault", True),
 ])
 def test_decode_step_metric_and_warning(report, fell_back, cause, warned, caplog):
     context = DimensionRecorder()
