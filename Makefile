@@ -25,7 +25,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: run stop test venv model archive serve register query bench bench-hf quality soak clean system-packages gpu-wheels gpu-report
+.PHONY: mutants fuzz run stop test venv model archive serve register query bench bench-hf quality soak clean system-packages gpu-wheels gpu-report
 
 $(BIN)/.installed: requirements.txt requirements-k8s-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -114,3 +114,8 @@ gpu-report:
 
 clean: stop
 	rm -rf artifacts model_store/*.mar $(RUN_DIR)
+
+# make mutants  the mutation check (scripts/mutants.py): each committed mutant applied to a temporary copy of the
+#            tree, its tests run, killed/survived printed; the tree is left as it was. Not part of `make test`.
+mutants: venv
+	$(BIN)/python scripts/mutants.py $(MUTANTS)
