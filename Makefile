@@ -119,3 +119,9 @@ clean: stop
 #            tree, its tests run, killed/survived printed; the tree is left as it was. Not part of `make test`.
 mutants: venv
 	$(BIN)/python scripts/mutants.py $(MUTANTS)
+
+# make fuzz  fresh fuzz inputs (in-process and against a live TorchServe) for FUZZ_MINUTES (default 10); every
+#            failure is saved in tests/fuzz-examples/ (commit it: CI replays it, tests/fuzz_profile.py)
+FUZZ_MINUTES ?= 10
+fuzz: venv
+	$(BIN)/python scripts/fuzz.py --minutes $(FUZZ_MINUTES)
