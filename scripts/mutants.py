@@ -66,7 +66,7 @@ MUTANTS = (
            "        if device_reason is not None:\n            return device_reason, None\n",
            "keep = self.text.add(new_tokens)\n        if device_reason is not None:\n            return device_reason, None\n"
            "        if keep is not None:\n            return FinishReason.STOP, keep\n",
-           ("tests/engine/test_scheduler.py", "tests/engine/test_text.py"), "an eos in the same look hides the stop string"),
+           ("tests/engine/test_stopping.py",), "an eos in the same look hides the stop string"),
     Mutant("deadline-never-checked", "handler/engine/stopping.py",
            "(time.monotonic() if now is None else now) > self.deadline",
            "(time.monotonic() if now is None else now) > self.deadline + 1e9",
