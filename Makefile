@@ -2,7 +2,9 @@
 #            A second `make run` reuses the server already running from $(RUN_DIR) when it answers /ping
 #            (same keys, other registered models stay) and replaces $(MODEL_NAME) with the archive just built.
 # make stop  stop that server; returns once its processes are gone
-# make test  the whole test suite (what CI runs)
+# make test  the whole test suite (what CI runs); its fuzz tests replay tests/fuzz-examples/ and a fixed seed
+# make fuzz  fresh fuzz inputs for FUZZ_MINUTES (default 10); failures saved in tests/fuzz-examples/ (commit them)
+# make mutants  the mutation check (scripts/mutants.py): killed/survived per committed mutant; not part of CI
 # make gpu-wheels  (a machine with network) the wheels a GPU machine lacks, into .whl/: TorchServe's `ts`, and
 #            transformers 4.55.4 for the contrastive-search baseline; carry .whl/ with the tree
 # make gpu-report  (a machine with an NVIDIA GPU, PyTorch and transformers; no TorchServe, no network) installs
