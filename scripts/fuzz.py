@@ -65,7 +65,9 @@ def main() -> int:
         rounds += 1
         start = time.monotonic()
         outcome, failed, tail = run_round(args.tests, end - time.monotonic())
-        print(f"round {rounds}: {outcome} in {time.monotonic() - start:.0f} s", flush=True)
+        summary = [line for line in tail.splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
+        print(f"round {rounds}: {outcome} in {time.monotonic() - start:.0f} s"
+              f"{': ' + summary[-1].strip('= ') if summary else ''}", flush=True)
         if failed or outcome.startswith(("FAILED", "error")):
             failures.append((rounds, failed))
             print(tail, flush=True)
