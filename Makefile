@@ -2,7 +2,9 @@
 #            A second `make run` reuses the server already running from $(RUN_DIR) when it answers /ping
 #            (same keys, other registered models stay) and replaces $(MODEL_NAME) with the archive just built.
 # make stop  stop that server; returns once its processes are gone
-# make test  the whole test suite (what CI runs)
+# make test  the whole test suite (what CI runs); its fuzz tests replay tests/fuzz-examples/ and a fixed seed
+# make fuzz  fresh fuzz inputs for FUZZ_MINUTES (default 10); failures saved in tests/fuzz-examples/ (commit them)
+# make mutants  the mutation check (scripts/mutants.py): killed/survived per committed mutant; not part of CI
 # make gpu-wheels  (a machine with network) the wheels a GPU machine lacks, into .whl/: TorchServe's `ts`, and
 #            transformers 4.55.4 for the contrastive-search baseline; carry .whl/ with the tree
 # make gpu-report  (a machine with an NVIDIA GPU, PyTorch and transformers; no TorchServe, no network) installs
@@ -31,7 +33,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: image image-test image-packages image-check run stop test venv model archive serve register query bench bench-hf quality soak clean system-packages gpu-wheels gpu-report
+.PHONY: image image-test image-packages image-check mutants fuzz run stop test venv model archive serve register query bench bench-hf quality soak clean system-packages gpu-wheels gpu-report
 
 $(BIN)/.installed: requirements.txt requirements-k8s-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -142,3 +144,14 @@ gpu-report:
 
 clean: stop
 	rm -rf artifacts model_store/*.mar $(RUN_DIR)
+
+# make mutants  the mutation check (scripts/mutants.py): each committed mutant applied to a temporary copy of the
+#            tree, its tests run, killed/survived printed; the tree is left as it was. Not part of `make test`.
+mutants: venv
+	$(BIN)/python scripts/mutants.py $(MUTANTS)
+
+# make fuzz  fresh fuzz inputs (in-process and against a live TorchServe) for FUZZ_MINUTES (default 10); every
+#            failure is saved in tests/fuzz-examples/ (commit it: CI replays it, tests/fuzz_profile.py)
+FUZZ_MINUTES ?= 10
+fuzz: venv
+	$(BIN)/python scripts/fuzz.py --minutes $(FUZZ_MINUTES)

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from tests import fuzz_profile
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+fuzz_profile.load()  # hypothesis: the fixed seed and the stored examples (ci), or fresh inputs (make fuzz)
 
 
 @pytest.fixture(scope="session")

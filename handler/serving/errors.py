@@ -20,7 +20,7 @@ class RequestError(ValueError):
 
     def __init__(self, field: str, message: str, status: int = 400):
         super().__init__(message)
-        self.field = field
+        self.field = field_label(field)
         self.message = message
         self.status = status
 
@@ -35,6 +35,13 @@ class RequestError(ValueError):
             "field": self.field,
             "message": self.message,
         })
+
+
+def field_label(name: str) -> str:
+    """A field name as every error (native and OpenAI) shows it: the name itself when UTF-8 can carry it, else
+    with each unpaired surrogate written as its escape (`"\\udfff"`), so that no answer naming a field the
+    client sent can fail to encode. JSON lets a key hold a lone surrogate (`{"\\udfff": 1}`)."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(name, str) else name
 
 
 def json_text(obj: dict) -> str:

@@ -117,6 +117,20 @@ def test_all_bad_requests_at_once_beside_good_ones(client):
     assert all(r.json()["completion_tokens"] == 4 for (_, status), r in zip(jobs, responses) if status == 200)
 
 
+SURROGATE_NAME = b'{"prompt": "hi", "\\udfff": 1}'  # a JSON key holding an unpaired surrogate (escaped, valid JSON)
+
+
+@pytest.mark.parametrize("suffix", ["", "/1.0/v1/completions"], ids=["native", "openai"])
+def test_a_field_name_holding_a_surrogate_is_a_400_naming_it_escaped(client, worker_before, suffix):
+    """Was a 500 (UnicodeEncodeError) on the OpenAI route: its error object copied the raw name into "param"."""
+    r = client._call("inference", "POST", f"{client.inference_url}/predictions/{MODEL}{suffix}", data=SURROGATE_NAME,
+                     headers=JSON)
+    assert r.status_code == 400, r.text
+    answer = json.loads(r.content.decode("utf-8"))
+    shown = answer["error"]["param"] if suffix else answer["field"]
+    assert shown == "\\udfff", answer
+
+
 def test_after_the_table_the_worker_still_serves_and_never_restarted(client, server, worker_before):
     answer = client.generate(MODEL, "你是谁?", max_new_tokens=8)
     assert answer["completion_tokens"] == 8 and answer["full_text"].startswith("你是谁?")

@@ -506,3 +506,45 @@ def test_torchserve_runs_on_a_read_only_root_filesystem(model_store):
             server.wait(timeout=30)
         log.close()
         shutil.rmtree(base, ignore_errors=True)
+
+
+# ---- form bodies: refused by the proxy, never passed to TorchServe's form decoder (issue 25) ----------------
+
+# bodies TorchServe's front end answers with 500 before the handler (ErrorDataDecoderException), and a good one
+FORM_BODIES = [b"=x&&=", b"prompt=hi&&", b"a=%", b"%zz=1", b"prompt=hi&max_new_tokens=2"]
+FORM_TYPES = ["application/x-www-form-urlencoded", "Application/X-WWW-Form-Urlencoded; charset=utf-8",
+              "application/x-www-form-urlencoded ;x", "multipart/form-data; boundary=xx", "MULTIPART/FORM-DATA"]
+PREDICTION_PATHS = [f"/predictions/{MODEL}", f"/predictions/{MODEL}/1.0/v1/completions"]
+
+
+@pytest.mark.parametrize("content_type", FORM_TYPES)
+def test_form_bodies_to_the_predictions_are_415_naming_the_content_type(proxy, ts, content_type):
+    seen = access_log_lines(ts)
+    for path in PREDICTION_PATHS:
+        for body in FORM_BODIES:
+            r = requests.post(f"{proxy.url}{path}", data=body, timeout=30,
+                              headers={"Content-Type": content_type, **bearer(proxy.key())})
+            assert r.status_code == 415, (path, body, r.status_code, r.text)
+            error = r.json()
+            assert error["code"] == 415 and error["field"] == "Content-Type", error
+            assert content_type.split(";")[0].strip().lower() in error["message"]
+            assert "Content-Type: application/json" in error["message"]
+    assert access_log_lines(ts) == seen, "a form body reached TorchServe"
+
+
+@pytest.mark.parametrize("content_type,status", [
+    ("application/json", 200),  # the API's type
+    ("text/plain", 200),  # the body is the prompt
+    ("application/x-www-form-urlencodedx", 200),  # not a form type for TorchServe either: the body is the prompt
+])
+def test_other_bodies_still_reach_torchserve(proxy, content_type, status):
+    body = json.dumps({"prompt": "hi", "max_new_tokens": 2}) if content_type == "application/json" else "=x&&="
+    r = requests.post(f"{proxy.url}/predictions/{MODEL}", data=body.encode(), timeout=120,
+                      headers={"Content-Type": content_type, **bearer(proxy.key())})
+    assert r.status_code == status, r.text
+
+
+def test_a_form_body_without_a_key_is_still_401(proxy, ts):
+    r = requests.post(f"{proxy.url}/predictions/{MODEL}", data=b"=x&&=", timeout=30,
+                      headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 401

@@ -26,8 +26,10 @@ def stream_all(tokenizer, tokens, stops, step):
 
 @pytest.mark.parametrize("step", [1, 2, 5])
 def test_chinese_split_across_tokens_is_never_streamed_half(tokenizer, step):
-    text = "你是谁？我是一个语言模型。春天来了，花开了。"
+    text = "你是谁？我是一个语言模型。龘春天来了，花开了。😀"  # 龘 and 😀: not in the tiny vocabulary, split in bytes
     tokens = tokenizer.encode(text)
+    detokenize = detokenizer(tokenizer)
+    assert any(detokenize(tokens[:n]).endswith("\ufffd") for n in range(1, len(tokens)))  # the premise: a cut
     row, chunks, keep = stream_all(tokenizer, tokens, (), step)
     assert keep is None
     assert "".join(chunks) == text == row.text()

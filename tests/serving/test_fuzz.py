@@ -27,17 +27,19 @@ from hypothesis import strategies as st
 
 from gpt2ops.expected import ExpectedAnswers
 from handler.serving import responses
-from handler.serving.errors import RequestError
+from handler.serving.errors import RequestError, field_label
 from handler.serving.fields import BY_NAME
 from handler.serving.preparation import Prepared
 from handler.serving.request import RawRequest, read_request
 from tests.fuzz_inputs import REQUEST_OBJECTS, as_worker, worker_requests
+from tests.fuzz_profile import reproducible
 from tests.serving.handlers import make_handler, one_torch_thread
 
 SCALE = float(os.environ.get("FUZZ_SCALE", "1"))
 DOCUMENTED = {400, 404, 413, 507}  # what input may get; 500 is an internal fault, never the answer to input
 LIMITS = {"max_prompt_tokens": 64, "max_new_tokens": 8}
-FUZZ = dict(deadline=None, derandomize=False, print_blob=True,
+# the seed and the example database come from the profile (tests/fuzz_profile.py)
+FUZZ = dict(deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example,
                                    HealthCheck.filter_too_much])
 
@@ -61,8 +63,8 @@ def preparation(handler):
 
 def fields_of(entry: dict) -> set[str]:
     """The names an error may give: the body, the prompt, the route, the known fields, and the request's own
-    field names (form fields, or the keys of its JSON object)."""
-    names = {"body", "prompt", "url_path", *BY_NAME, *(k for k in entry if isinstance(k, str))}
+    field names (form fields, or the keys of its JSON object) as errors show them (`field_label`)."""
+    names = {"body", "prompt", "url_path", *BY_NAME, *(field_label(k) for k in entry if isinstance(k, str))}
     for value in entry.values():
         if isinstance(value, (bytes, bytearray)):
             try:
@@ -70,7 +72,7 @@ def fields_of(entry: dict) -> set[str]:
             except Exception:  # noqa: BLE001 - not JSON: it names no fields
                 continue
         if isinstance(value, dict):
-            names.update(k for k in value if isinstance(k, str))
+            names.update(field_label(k) for k in value if isinstance(k, str))
     return names
 
 
@@ -84,6 +86,7 @@ def check_error(err: RequestError, entry: dict) -> None:
                                 "message": err.message}
 
 
+@reproducible
 @settings(max_examples=examples(1000), **FUZZ)
 @given(worker_requests())
 def test_read_request_reads_or_refuses_every_entry(request_):
@@ -114,6 +117,7 @@ def check_prepared(result, entry: dict) -> str:
 def test_prepare_answers_every_entry_with_a_request_or_its_own_error(preparation):
     seen: Counter = Counter()
 
+    @reproducible
     @settings(max_examples=examples(1500), **FUZZ)
     @given(worker_requests())
     @example(({"body": b"[" * 5000 + b"]" * 5000}, {"Content-Type": "application/json"}))
@@ -131,6 +135,7 @@ def test_prepare_answers_every_json_object(preparation):
     the fuzz reaches every field's checks, and past them."""
     seen: Counter = Counter()
 
+    @reproducible
     @settings(max_examples=examples(1500), **FUZZ)
     @given(REQUEST_OBJECTS)
     def prepare(obj):
@@ -207,6 +212,7 @@ def check_answer(status: int, text: str) -> None:
 def test_fuzzed_requests_in_a_batch_never_cost_a_good_request_its_answer(handler, expected):
     seen: Counter = Counter()
 
+    @reproducible
     @settings(max_examples=examples(100), **FUZZ)
     @given(fuzzed=st.lists(worker_requests(), min_size=1, max_size=6),
            good=st.lists(st.sampled_from(range(len(GOOD))), min_size=1, max_size=3),
@@ -257,8 +263,9 @@ FOUND = [
      "unpaired UTF-16 surrogate (U+D800 at character 1)"),  # the tokenizer raised TypeError: a 500
     ("stop-with-unpaired-surrogate", {"body": {"prompt": "hi", "stop": ["\udfff"]}}, JSON_HEADERS, 400, "stop",
      "unpaired UTF-16 surrogate (U+DFFF at character 0)"),  # would never match: refused, not ignored
-    ("field-name-with-unpaired-surrogate", {"body": {"prompt": "hi", "\ud83d": 1}}, JSON_HEADERS, 400, "\ud83d",
-     "unpaired UTF-16 surrogate"),  # echoed in "field": TorchServe could not encode the answer, the worker died
+    ("field-name-with-unpaired-surrogate", {"body": {"prompt": "hi", "\ud83d": 1}}, JSON_HEADERS, 400, "\\ud83d",
+     "unpaired UTF-16 surrogate"),  # echoed in "field": TorchServe could not encode the answer, the worker died;
+    # now named escaped (errors.field_label), on both APIs
 ]
 
 
@@ -285,5 +292,5 @@ def test_an_unencodable_name_in_an_error_does_not_kill_the_worker(handler, expec
     raised there: the worker process died and every request in it failed."""
     statuses, texts, _ = handler.frontend.serve([{"prompt": "hi", "\ud83d": 1}, GOOD[0]])
     assert statuses == [400, 200]
-    assert json.loads(texts[0])["field"] == "\ud83d" and texts[0].isascii()  # escaped: valid JSON, valid UTF-8
+    assert json.loads(texts[0])["field"] == "\\ud83d" and texts[0].isascii()  # named escaped (errors.field_label)
     assert lines(texts[1])[-1]["token_ids"] == expected[0]
