@@ -96,7 +96,7 @@ MUTANTS = (
     # admission and fields
     Mutant("pool-length-check-off-by-one", "handler/serving/admission.py",
            "if prompt_tokens + new > self.pool.max_len:", "if prompt_tokens + new > self.pool.max_len + 1:",
-           ("tests/serving/test_handler.py",), "a request one position too long for its slot is admitted"),
+           ("tests/serving/test_admission.py",), "a request one position too long for its slot is admitted"),
     Mutant("prompt-limit-ignored", "handler/serving/admission.py",
            "if prompt_tokens > limits.max_prompt_tokens:", "if prompt_tokens > 10 * limits.max_prompt_tokens:",
            ("tests/serving/test_handler.py",), "prompts over max_prompt_tokens admitted"),
