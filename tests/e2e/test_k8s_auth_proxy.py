@@ -56,10 +56,10 @@ def pod_properties() -> dict[str, str]:
     return {k: v for k, v in pod.items() if k not in ADDRESSES and repo.get(k) != v}
 
 
-@pytest.fixture(scope="module")
-def ts(tmp_path_factory, model_store):
-    """TorchServe as in the pod: the pod's settings, the one archive loaded at start (load_models=all)."""
-    root = tmp_path_factory.mktemp("k8s-ts")
+@contextlib.contextmanager
+def pod_torchserve(root: Path, model_store: Path):
+    """TorchServe as in the pod: the pod's settings, the one archive loaded at start (load_models=all); ready
+    (probe.sh ready passes) when entered, stopped after."""
     store = root / "store"  # the image's model store holds one archive; the session store has variants too
     store.mkdir()
     os.symlink(model_store / f"{MODEL}.mar", store / f"{MODEL}.mar")
@@ -78,6 +78,12 @@ def ts(tmp_path_factory, model_store):
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def ts(tmp_path_factory, model_store):
+    with pod_torchserve(tmp_path_factory.mktemp("k8s-ts"), model_store) as srv:
+        yield srv
 
 
 def host_port(url: str) -> str:
@@ -137,11 +143,16 @@ def proxy_env(root: Path, ts_inference: str, port: int, probe_port: int, **extra
             "API_KEY_DIR": str(root / "keys"), "NGINX_PREFIX": str(root / "nginx"), **extra}
 
 
-@contextlib.contextmanager
-def running_proxy(ts_inference: str):
-    """`proxy.sh start` as the pod runs it, on free loopback ports; stopped (and its files removed) after."""
+def new_keys() -> dict[str, str]:
     # 64 and 128 characters; the second holds the regex metacharacters a key may have (. and +)
-    keys = {"current": secrets.token_hex(32), "previous": secrets.token_urlsafe(90) + "a.b+c=="}
+    return {"current": secrets.token_hex(32), "previous": secrets.token_urlsafe(90) + "a.b+c=="}
+
+
+@contextlib.contextmanager
+def running_proxy(ts_inference: str, keys: dict[str, str] | None = None):
+    """`proxy.sh start` as the pod runs it, on free loopback ports; stopped (and its files removed) after.
+    `keys`: the Secret's files (replicas share one Secret); new random ones by default."""
+    keys = keys or new_keys()
     root = proxy_root(keys)
     port, probe_port = free_port(), free_port()
     log = root / "proxy.log"
