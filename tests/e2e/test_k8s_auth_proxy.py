@@ -32,6 +32,7 @@ import yaml
 from gpt2ops.client import read_properties
 from gpt2ops.local_server import free_port, start_server
 from tests.e2e.conftest import MODEL
+from tests.test_k8s_manifests import COMPILE_CACHE_VARIABLES, image_env
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "deploy" / "kubernetes" / "base"
@@ -56,10 +57,10 @@ def pod_properties() -> dict[str, str]:
     return {k: v for k, v in pod.items() if k not in ADDRESSES and repo.get(k) != v}
 
 
-@pytest.fixture(scope="module")
-def ts(tmp_path_factory, model_store):
-    """TorchServe as in the pod: the pod's settings, the one archive loaded at start (load_models=all)."""
-    root = tmp_path_factory.mktemp("k8s-ts")
+@contextlib.contextmanager
+def pod_torchserve(root: Path, model_store: Path):
+    """TorchServe as in the pod: the pod's settings, the one archive loaded at start (load_models=all); ready
+    (probe.sh ready passes) when entered, stopped after."""
     store = root / "store"  # the image's model store holds one archive; the session store has variants too
     store.mkdir()
     os.symlink(model_store / f"{MODEL}.mar", store / f"{MODEL}.mar")
@@ -78,6 +79,12 @@ def ts(tmp_path_factory, model_store):
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def ts(tmp_path_factory, model_store):
+    with pod_torchserve(tmp_path_factory.mktemp("k8s-ts"), model_store) as srv:
+        yield srv
 
 
 def host_port(url: str) -> str:
@@ -137,11 +144,16 @@ def proxy_env(root: Path, ts_inference: str, port: int, probe_port: int, **extra
             "API_KEY_DIR": str(root / "keys"), "NGINX_PREFIX": str(root / "nginx"), **extra}
 
 
-@contextlib.contextmanager
-def running_proxy(ts_inference: str):
-    """`proxy.sh start` as the pod runs it, on free loopback ports; stopped (and its files removed) after."""
+def new_keys() -> dict[str, str]:
     # 64 and 128 characters; the second holds the regex metacharacters a key may have (. and +)
-    keys = {"current": secrets.token_hex(32), "previous": secrets.token_urlsafe(90) + "a.b+c=="}
+    return {"current": secrets.token_hex(32), "previous": secrets.token_urlsafe(90) + "a.b+c=="}
+
+
+@contextlib.contextmanager
+def running_proxy(ts_inference: str, keys: dict[str, str] | None = None):
+    """`proxy.sh start` as the pod runs it, on free loopback ports; stopped (and its files removed) after.
+    `keys`: the Secret's files (replicas share one Secret); new random ones by default."""
+    keys = keys or new_keys()
     root = proxy_root(keys)
     port, probe_port = free_port(), free_port()
     log = root / "proxy.log"
@@ -342,6 +354,26 @@ def test_a_streamed_answer_arrives_in_pieces(proxy):
     assert lines[-1][0] - lines[0][0] > 0.005, "every line arrived at the same moment"
 
 
+def frontend_queue_microseconds(ts) -> tuple[float, str]:
+    """The sum of TorchServe's ts_queue_latency_microseconds series for the model, and the metrics page."""
+    page = requests.get(f"{ts.client.metrics_url}/metrics", timeout=30).text
+    values = re.findall(rf'^ts_queue_latency_microseconds\{{[^}}]*model_name="{MODEL}"[^}}]*\}} (\S+)$', page, re.M)
+    return sum(float(v) for v in values), page
+
+
+def test_the_frontend_queue_counter_the_hpa_reads_is_served(proxy, ts):
+    """prometheus-adapter's waiting rule (deploy/kubernetes/prometheus-adapter/values.yaml) reads
+    ts_queue_latency_microseconds: the pod's TorchServe serves it on its metrics port, per model, as a counter
+    that grows as requests are answered through the proxy."""
+    before, _ = frontend_queue_microseconds(ts)
+    for _ in range(3):
+        r = post(proxy, {"prompt": "hi", "max_new_tokens": 2}, bearer(proxy.key()))
+        assert r.status_code == 200, r.text
+    after, page = frontend_queue_microseconds(ts)
+    assert re.search(r"^# TYPE ts_queue_latency_microseconds counter$", page, re.M), page[:2000]
+    assert after > before >= 0
+
+
 def test_probes(proxy, ts):
     env = probe_env(ts)
     assert run_probe("live", env).returncode == 0
@@ -453,11 +485,13 @@ def mount_namespaces_work() -> bool:
 @pytest.mark.skipif(not mount_namespaces_work(), reason="needs `unshare --mount` (root) to make / read-only")
 def test_torchserve_runs_on_a_read_only_root_filesystem(model_store):
     """The pod's readOnlyRootFilesystem: TorchServe, started as the pod starts it (scripts/serve.sh --foreground,
-    the pod's config, HOME=TMPDIR=/tmp), loads and serves the model when only its run directory and /tmp
-    (the pod's two emptyDirs) are writable. In a private mount namespace, / is remounted read-only."""
+    the pod's config, HOME=TMPDIR=/tmp), loads and serves the model when only its run directory, /tmp and the
+    compile caches' folder (the pod's emptyDirs) are writable; the compile caches the image names
+    (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) can be written there. In a private mount namespace, / is
+    remounted read-only (and /home, where the cache folder is made, too)."""
     base = Path(tempfile.mkdtemp(prefix="k8s-rofs-", dir="/var/tmp"))  # not under /tmp: /tmp is replaced below
-    run, tmp, store = base / "run", base / "tmp", base / "store"
-    for d in (run, tmp, store):
+    run, tmp, store, cache = base / "run", base / "tmp", base / "store", base / "compile-cache"
+    for d in (run, tmp, store, cache):
         d.mkdir()
     shutil.copy(model_store / f"{MODEL}.mar", store)
     ports = {key: free_port() for key in ("inference", "management", "metrics")}
@@ -469,17 +503,25 @@ def test_torchserve_runs_on_a_read_only_root_filesystem(model_store):
     for key in ("grpc_inference_port", "grpc_management_port"):
         config = re.sub(rf"^{key}=\d+$", f"{key}={free_port()}", config, flags=re.M)
     (base / "config.properties").write_text(config)
-    setup = (f"set -e; mount --make-rprivate /; mount --bind {run} {run}; mount --bind {tmp} /tmp; "
-             "mount -o remount,bind,ro /; "
-             "if touch /var/tmp/.rofs-check 2>/dev/null; then echo '/ is writable' >&2; exit 1; fi; "
-             f"exec {REPO}/scripts/serve.sh --foreground --config {base}/config.properties --model-store {store} "
-             f"--run-dir {run}")
-    # the torchserve container's own environment (HOME, TMPDIR, OMP_NUM_THREADS, ...), less the probes' addresses
+    # the torchserve container's own environment (HOME, TMPDIR, OMP_NUM_THREADS, ...), less the probes' addresses,
+    # over the image's compile cache folders (the Dockerfile's ENV)
     deployment = yaml.safe_load((BASE / "deployment.yaml").read_text())
     [container] = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "torchserve"]
     pod_env = {e["name"]: e["value"] for e in container["env"] if e["name"] not in ("TS_INFERENCE", "TS_MANAGEMENT")}
     assert pod_env["HOME"] == pod_env["TMPDIR"] == "/tmp"
-    environment = {**os.environ, **pod_env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    caches = {key: pod_env.get(key, image_env()[key]) for key in COMPILE_CACHE_VARIABLES}
+    [cache_mount] = [m["mountPath"] for m in container["volumeMounts"] if m["name"] == "compile-cache"]
+    assert cache_mount.startswith("/home/")
+    write_caches = " && ".join(f'mkdir -p "${key}" && touch "${key}/.rofs-check"' for key in sorted(caches))
+    setup = (f"set -e; mount --make-rprivate /; mount --bind {run} {run}; mount --bind {tmp} /tmp; "
+             f"mount -t tmpfs -o size=1m tmpfs /home; mkdir -p {cache_mount}; mount --bind {cache} {cache_mount}; "
+             "mount -o remount,ro /home; mount -o remount,bind,ro /; "
+             "if touch /var/tmp/.rofs-check 2>/dev/null; then echo '/ is writable' >&2; exit 1; fi; "
+             "if touch /home/.rofs-check 2>/dev/null; then echo '/home is writable' >&2; exit 1; fi; "
+             f"{write_caches}; "
+             f"exec {REPO}/scripts/serve.sh --foreground --config {base}/config.properties --model-store {store} "
+             f"--run-dir {run}")
+    environment = {**os.environ, **caches, **pod_env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     environment.pop("TS_CONFIG")  # serve.sh gets the rewritten copy with --config
     log = (base / "serve.log").open("wb")
     server = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", setup],
@@ -496,6 +538,8 @@ def test_torchserve_runs_on_a_read_only_root_filesystem(model_store):
                           json={"prompt": "你是谁?", "max_new_tokens": 5}, timeout=60)
         assert r.status_code == 200 and r.json()["completion_tokens"] == 5, r.text
         assert (run / "logs" / "ts_log.log").exists()  # what it wrote went to the writable run directory
+        for key, path in caches.items():  # the caches' files landed on the compile-cache volume
+            assert (cache / Path(path).relative_to(cache_mount) / ".rofs-check").is_file(), key
     finally:
         subprocess.run([str(REPO / "scripts" / "stop.sh"), "--run-dir", str(run)], capture_output=True, timeout=120,
                        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
