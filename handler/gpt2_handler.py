@@ -42,6 +42,7 @@ from handler.memory.ledger import MemoryLedger
 from handler.memory.plan import ModelShape
 from handler.serving.admission import Admission
 from handler.serving.batching import Batching
+from handler.serving.describe_jobs import DescribeJobs
 from handler.serving.loading import load_model, worker_device
 from handler.serving.metrics import EngineMetrics, publish_memory
 from handler.serving.openai_api import PREFIX as OPENAI_PREFIX, OpenAIApi
@@ -95,7 +96,8 @@ class ContrastiveGPT2Handler(BaseHandler):
         self.batching = Batching(self.engine, preparation, Routes(describe=self.describe_handle,
                                                                   mounts={OPENAI_PREFIX: openai}),
                                  continuous=settings.continuous_batching,
-                                 iteration_s=settings.iteration_ms / 1000)
+                                 iteration_s=settings.iteration_ms / 1000,
+                                 describe_jobs=DescribeJobs(self.describe_handle))
         self.initialized = True
 
     def handle(self, data, context):
@@ -131,8 +133,9 @@ class ContrastiveGPT2Handler(BaseHandler):
     def describe_handle(self):
         """The memory breakdown, the decode step that serves, the pool, the engine's load, the limits.
 
-        `GET /predictions/<name>/<version>/describe` (inference key) answers it in every mode; TorchServe's
-        `GET /models/<name>?customized=true` only without continuous batching (see handler.serving.routes).
+        `GET /predictions/<name>/<version>/describe` (inference key) answers it in every mode, and so does
+        TorchServe's `GET /models/<name>?customized=true` on a server started by scripts/serve.sh (whose
+        frontend sends the describe job once: gpt2ops/frontend_patch.py; handler.serving.describe_jobs).
         """
         pool, stats = self.engine.shape, self.engine.stats()
         return json.dumps({

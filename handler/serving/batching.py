@@ -42,6 +42,7 @@ from ts.handler_utils.utils import send_intermediate_predict_response
 from handler.engine.scheduler import Engine, Generation
 from handler.engine.stopping import FinishReason
 from handler.serving import responses
+from handler.serving.describe_jobs import DescribeJobs, is_describe_job
 from handler.serving.errors import RequestError, is_out_of_memory
 from handler.serving.preparation import Preparation
 from handler.serving.request import header
@@ -114,8 +115,9 @@ class Batching:
     """The job table and the loop of one worker (see the module docstring)."""
 
     def __init__(self, engine: Engine, preparation: Preparation, routes: Routes, *, continuous: bool,
-                 iteration_s: float):
+                 iteration_s: float, describe_jobs: DescribeJobs | None = None):
         self.engine = engine
+        self.describe_jobs = describe_jobs  # TorchServe's describe jobs (handler.serving.describe_jobs)
         self.preparation = preparation
         self.routes = routes
         self.continuous = continuous
@@ -153,6 +155,8 @@ class Batching:
 
     def _new_job(self, index: int, request_id: str, entry, context) -> Job:
         headers = _headers(context, index)
+        if self.describe_jobs is not None and is_describe_job(headers, entry):  # the management API's
+            return Job(request_id, immediate=Immediate(self.describe_jobs.answer(request_id, context)))
         routed = self.routes.answer(header(headers, URL_PATH_HEADER))
         if isinstance(routed, RequestError):
             return Job(request_id, error=routed)
