@@ -43,6 +43,7 @@ from handler.memory.plan import ModelShape
 from handler.serving.admission import Admission
 from handler.serving.batching import Batching
 from handler.serving.describe_jobs import DescribeJobs
+from handler.serving.orphans import OpenJobs
 from handler.serving.loading import load_model, worker_device
 from handler.serving.metrics import EngineMetrics, publish_memory
 from handler.serving.openai_api import PREFIX as OPENAI_PREFIX, OpenAIApi
@@ -97,7 +98,9 @@ class ContrastiveGPT2Handler(BaseHandler):
                                                                   mounts={OPENAI_PREFIX: openai}),
                                  continuous=settings.continuous_batching,
                                  iteration_s=settings.iteration_ms / 1000,
-                                 describe_jobs=DescribeJobs(self.describe_handle))
+                                 describe_jobs=DescribeJobs(self.describe_handle),
+                                 open_jobs=OpenJobs(context.system_properties["model_dir"])
+                                 if settings.continuous_batching else None)
         self.initialized = True
 
     def handle(self, data, context):
