@@ -61,6 +61,10 @@ class ContrastiveGPT2Handler(BaseHandler):
 
     def initialize(self, context):
         self.settings = settings = HandlerSettings.from_model_config(context.model_yaml_config)
+        if settings.continuous_batching and int(context.model_yaml_config.get("maxWorkers", 1) or 1) > 1:
+            logger.warning("maxWorkers %s: the supported shape is one worker per model per GPU (TorchServe "
+                           "0.12.0's continuous batching can stall a busy worker while another waits for work; "
+                           "docs/engine.md, Traps)", context.model_yaml_config.get("maxWorkers"))
         self.device = worker_device(context.system_properties)
         self.ledger = MemoryLedger.for_device(self.device)
         self.ledger.mark("start")
