@@ -291,7 +291,11 @@ class TorchServe:
         if r.status_code != 200:
             raise self.error(r, f"unregistering {model_name}", "management")
 
-    def describe(self, model_name: str, customized: bool = True) -> list[dict]:
+    def describe(self, model_name: str, customized: bool = False) -> list[dict]:
+        """GET /models/<model>: TorchServe's description (workers, batch size...). `customized=True` adds the
+        worker's report; on a TorchServe 0.12.0 not started by scripts/serve.sh that call wedges the model
+        (gpt2ops/frontend_patch.py), so it is never the default: `report()` reads the same through the
+        inference API on any server."""
         r = self._call("management", "GET", f"{self.management_url}/models/{model_name}",
                        params={"customized": "true"} if customized else None)
         if r.status_code != 200:
@@ -336,7 +340,7 @@ class TorchServe:
         """The worker's report (memory breakdown, pool, load, limits) through the inference API.
 
         `describe(customized=True)` asks for the same through the management API, which under continuous
-        batching wedges TorchServe 0.12.0's worker (see handler/serving/routes.py): use this instead.
+        batching wedges a TorchServe 0.12.0 that scripts/serve.sh did not start (gpt2ops/frontend_patch.py).
         """
         r = self._call("inference", "GET", f"{self.inference_url}/predictions/{model_name}/{version}/describe")
         if r.status_code != 200:

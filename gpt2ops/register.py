@@ -24,12 +24,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_name")
     parser.add_argument("--archive", help="archive name in the model store (default: <model_name>.mar)")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="workers of the model; the supported shape is 1 per GPU (the engine batches inside "
+                             "it; TorchServe 0.12.0's continuous batching can stall one worker while another "
+                             "waits: docs/engine.md, Traps)")
     parser.add_argument("--replace", action="store_true",
                         help="when the model is registered already, unregister it and register the archive again")
     add_server_arguments(parser)
     args = parser.parse_args(argv)
 
+    if args.workers > 1:
+        print(f"warning: {args.workers} workers of one model: the supported shape is one worker per model per GPU "
+              "(under continuous batching TorchServe 0.12.0 can stall a busy worker while another waits for "
+              "work; docs/engine.md, Traps)", file=sys.stderr)
     server = server_from_arguments(args)
     archive = args.archive or f"{args.model_name}.mar"
     replaced = args.replace and server.is_registered(args.model_name)

@@ -30,6 +30,7 @@ import psutil
 from gpt2ops import server_logs
 from gpt2ops.client import TorchServe, read_properties
 from gpt2ops.errors import OpsError, cli
+from gpt2ops.frontend_patch import FRONTEND_DIR
 
 FRONTEND_CLASS = "org.pytorch.serve.ModelServer"
 PID_FILE = Path("tmp") / ".model_server.pid"  # TMPDIR=<run-dir>/tmp for the launcher (scripts/serve.sh)
@@ -54,11 +55,13 @@ def is_frontend(proc: psutil.Process) -> bool:
 
 
 def started_from(proc: psutil.Process) -> Path | None:
-    """The run directory of a TorchServe frontend: its working directory (scripts/serve.sh cds there)."""
+    """The run directory of a TorchServe frontend: its working directory (scripts/serve.sh cds to
+    <run-dir>/frontend; gpt2ops.frontend_patch), or that directory itself for a server started by hand."""
     try:
-        return Path(proc.cwd()).resolve()
+        cwd = Path(proc.cwd()).resolve()
     except (psutil.Error, OSError):
         return None
+    return cwd.parent if cwd.name == FRONTEND_DIR else cwd
 
 
 def pid_file_pid(run_dir: Path) -> int | None:

@@ -45,6 +45,8 @@ from handler.memory.ledger import MemoryLedger
 from handler.memory.plan import ModelShape
 from handler.serving.admission import Admission
 from handler.serving.batching import Batching
+from handler.serving.describe_jobs import DescribeJobs
+from handler.serving.orphans import OpenJobs
 from handler.serving.loading import load_model, worker_device
 from handler.serving.metrics import EngineMetrics, publish_decode_step, publish_memory
 from handler.serving.openai_api import PREFIX as OPENAI_PREFIX, OpenAIApi
@@ -72,6 +74,10 @@ class ContrastiveGPT2Handler(BaseHandler):
     def initialize(self, context):
         self.precision = own_matmul_precision()  # after TorchServe's import, which may have turned TF32 on
         self.settings = settings = HandlerSettings.from_model_config(context.model_yaml_config)
+        if settings.continuous_batching and int(context.model_yaml_config.get("maxWorkers", 1) or 1) > 1:
+            logger.warning("maxWorkers %s: the supported shape is one worker per model per GPU (TorchServe "
+                           "0.12.0's continuous batching can stall a busy worker while another waits for work; "
+                           "docs/engine.md, Traps)", context.model_yaml_config.get("maxWorkers"))
         self.device = worker_device(context.system_properties)
         self.ledger = MemoryLedger.for_device(self.device)
         self.ledger.mark("start")
@@ -110,7 +116,10 @@ class ContrastiveGPT2Handler(BaseHandler):
         self.batching = Batching(self.engine, preparation, Routes(describe=self.describe_handle,
                                                                   mounts={OPENAI_PREFIX: openai}),
                                  continuous=settings.continuous_batching,
-                                 iteration_s=settings.iteration_ms / 1000)
+                                 iteration_s=settings.iteration_ms / 1000,
+                                 describe_jobs=DescribeJobs(self.describe_handle),
+                                 open_jobs=OpenJobs(context.system_properties["model_dir"])
+                                 if settings.continuous_batching else None)
         self.initialized = True
 
     health_probe = None  # how the device is probed after a fault (None: handler.engine.fast_path.device_healthy)
@@ -152,8 +161,9 @@ class ContrastiveGPT2Handler(BaseHandler):
     def describe_handle(self):
         """The memory breakdown, the decode step that serves, the pool, the engine's load, the limits.
 
-        `GET /predictions/<name>/<version>/describe` (inference key) answers it in every mode; TorchServe's
-        `GET /models/<name>?customized=true` only without continuous batching (see handler.serving.routes).
+        `GET /predictions/<name>/<version>/describe` (inference key) answers it in every mode, and so does
+        TorchServe's `GET /models/<name>?customized=true` on a server started by scripts/serve.sh (whose
+        frontend sends the describe job once: gpt2ops/frontend_patch.py; handler.serving.describe_jobs).
         """
         pool, stats = self.engine.shape, self.engine.stats()
         return json.dumps({

@@ -9,7 +9,8 @@
 #   scripts/serve.sh --config FILE --model-store DIR --run-dir DIR
 #
 # Everything the server writes lives in the run directory (default run/): key_file.json (the keys),
-# logs/ (torchserve.out, ts_log.log, model_log.log), and tmp/ (pid file and worker sockets), so that
+# frontend/ (its read-only working directory, see below), logs/ (torchserve.out, ts_log.log,
+# model_log.log), and tmp/ (pid file and worker sockets), so that
 # several servers can run side by side. Stop it with scripts/stop.sh --run-dir DIR.
 #
 # Before starting, it refuses to start a second server from the same run directory (--reuse: reuses it
@@ -73,7 +74,13 @@ fi
 
 need torchserve "run make venv (it installs torchserve==0.12.0 into .venv), or install requirements-serve.txt"
 need java "TorchServe's frontend needs Java 17 (e.g. apt-get install openjdk-17-jre-headless)"
-cd "$RUN_DIR"
+# The frontend starts from <run-dir>/frontend, rebuilt read-only at each start with nothing but TorchServe
+# 0.12.0's Model.class corrected so that a customized describe cannot wedge the model, and key_file.json
+# (a link to <run-dir>/key_file.json): Java's class path begins with the working directory
+# (gpt2ops/frontend_patch.py; docs/engine.md, Traps). Refuses to start with any other TorchServe.
+FRONTEND_DIR="$(PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$OPS_PYTHON" -m gpt2ops.frontend_patch --run-dir "$RUN_DIR")" \
+  || exit 1
+cd "$FRONTEND_DIR"
 # TMPDIR: TorchServe's pid file; TEMP: the JVM's java.io.tmpdir, where worker sockets live.
 export TMPDIR="$RUN_DIR/tmp" TEMP="$RUN_DIR/tmp" LOG_LOCATION="$RUN_DIR/logs" METRICS_LOCATION="$RUN_DIR/logs"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -42,7 +42,10 @@ from ts.handler_utils.utils import send_intermediate_predict_response
 from handler.engine.scheduler import Engine, Generation
 from handler.engine.stopping import FinishReason
 from handler.serving import drain, responses
+from handler.serving.describe_jobs import DescribeJobs, is_describe_job
 from handler.serving.errors import RequestError, is_out_of_memory
+from handler.serving.orphans import OpenJobs
+from handler.serving.openai_api import DONE_EVENT, PREFIX as OPENAI_PREFIX, SSE_CONTENT_TYPE, error_json
 from handler.serving.preparation import Preparation
 from handler.serving.request import header
 from handler.serving.routes import URL_PATH_HEADER, Handoff, Immediate, Routes
@@ -96,6 +99,19 @@ class Job:
         return [] if self.generation is None else [self.generation]
 
 
+# A job the frontend had open in a worker that died between two iterations (handler.serving.orphans): its
+# client has the status line already, so its answer is an error line that ends the body.
+ORPHANED = RequestError("body", "the worker serving this request died; the request was lost: retry it", status=500)
+
+
+def orphan_answer(url_path: str) -> Immediate:
+    """The last line of an orphaned job: an OpenAI error event and the stream's end under `v1/`, else the
+    native error line (its body, streamed or not, is unknown: the frontend no longer sends it)."""
+    if url_path.strip("/").startswith(OPENAI_PREFIX + "/"):
+        return Immediate(f"data: {error_json(ORPHANED)}\n\n{DONE_EVENT}", SSE_CONTENT_TYPE, ORPHANED.status)
+    return Immediate(ORPHANED.to_json() + "\n", responses.STREAM_CONTENT_TYPE, ORPHANED.status)
+
+
 def generation_error(gen: Generation) -> RequestError:
     """The error a client gets for a generation that failed in the engine."""
     return internal_error(gen.error, "during generation")
@@ -114,8 +130,10 @@ class Batching:
     """The job table and the loop of one worker (see the module docstring)."""
 
     def __init__(self, engine: Engine, preparation: Preparation, routes: Routes, *, continuous: bool,
-                 iteration_s: float):
+                 iteration_s: float, describe_jobs: DescribeJobs | None = None, open_jobs: OpenJobs | None = None):
         self.engine = engine
+        self.describe_jobs = describe_jobs  # TorchServe's describe jobs (handler.serving.describe_jobs)
+        self.open_jobs = open_jobs  # continuous batching: open job ids on disk (handler.serving.orphans)
         self.preparation = preparation
         self.routes = routes
         self.continuous = continuous
@@ -156,6 +174,11 @@ class Batching:
 
     def _new_job(self, index: int, request_id: str, entry, context) -> Job:
         headers = _headers(context, index)
+        if self.describe_jobs is not None and is_describe_job(headers, entry):  # the management API's
+            return Job(request_id, immediate=Immediate(self.describe_jobs.answer(request_id, context)))
+        if self.open_jobs is not None and self.open_jobs.is_orphan(request_id):  # handler.serving.orphans
+            logger.error("request %s was open in a worker that died: answered with an error", request_id)
+            return Job(request_id, immediate=orphan_answer(header(headers, URL_PATH_HEADER)), opened=True)
         routed = self.routes.answer(header(headers, URL_PATH_HEADER))
         if isinstance(routed, RequestError):
             return Job(request_id, error=routed)
@@ -242,6 +265,8 @@ class Batching:
             out.append(answer)
             stop_flags.append(flag)
         self._set_stop_flags(context, stop_flags)
+        if self.open_jobs is not None:
+            self.open_jobs.record(self.jobs)
         self.drain.after_call(len(self.jobs), self.refused_for_drain)
         return out
 
@@ -257,6 +282,8 @@ class Batching:
             out.append(answer)
             stop_flags.append(flag)
         self._set_stop_flags(context, stop_flags)
+        if self.open_jobs is not None:
+            self.open_jobs.record(self.jobs)
         return out
 
     def _set_stop_flags(self, context, stop_flags: list[bool | None]) -> None:

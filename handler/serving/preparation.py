@@ -11,7 +11,9 @@ a request never takes its neighbours down.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -28,6 +30,7 @@ from handler.serving.settings import HandlerSettings
 logger = logging.getLogger(__name__)
 
 FAULT_HEADER = "X-Fault-Injection"
+EXIT_AFTER_S = 0.3
 
 
 @dataclass
@@ -81,8 +84,14 @@ class Preparation:
                        on_admit=self._fault(headers))
 
     def _fault(self, headers: Mapping[str, Any]) -> Callable[[], None] | None:
-        """Tests only (`handler.fault_injection`): "X-Fault-Injection: oom" fails the request's prefill."""
-        if not self.settings.fault_injection or header(headers, FAULT_HEADER) != "oom":
+        """Tests only (`handler.fault_injection`): "X-Fault-Injection: oom" fails the request's prefill;
+        "exit-soon" ends the worker process EXIT_AFTER_S after the prefill (a worker dying while the
+        frontend waits between two iterations, when its maxBatchDelay is long: tests/e2e/test_traps.py)."""
+        if not self.settings.fault_injection:
+            return None
+        if header(headers, FAULT_HEADER) == "exit-soon":
+            return lambda: threading.Timer(EXIT_AFTER_S, os._exit, (1,)).start()
+        if header(headers, FAULT_HEADER) != "oom":
             return None
 
         def out_of_memory() -> None:

@@ -6,12 +6,10 @@ empty suffix is generation (the native API); every other suffix is answered
 here, at once, without the engine:
 
 - `describe`: the worker's report (memory breakdown, pool, load, limits), the
-  same JSON as `describe_handle`. Under continuous batching this is the way to
-  read it: TorchServe 0.12.0's `GET /models/<name>?customized=true` puts its
-  describe job back at the head of the model's queue after taking it
-  (`Model.pollInferJob`), so the worker answers it again and again and never
-  gets another request. Through the inference API the report is an ordinary
-  request.
+  same JSON as `describe_handle`, as an ordinary request. TorchServe's own
+  `GET /models/<name>?customized=true` wedges a stock 0.12.0 under continuous
+  batching (handler.serving.describe_jobs; gpt2ops/frontend_patch.py); this
+  route works on any frontend.
 - a mounted API's prefix (`v1/`: the OpenAI-compatible API of
   `handler.serving.openai`): the rest of the suffix goes to that API, which
   answers it at once (`Immediate`, its errors in its own shape) or hands the

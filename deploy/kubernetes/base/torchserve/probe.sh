@@ -13,6 +13,7 @@
 #
 # Settings (environment; the Deployment sets them, tests/e2e/test_k8s_auth_proxy.py sets its own):
 #   TS_INFERENCE, TS_MANAGEMENT   host:port of TorchServe's inference and management APIs
+#   TS_METRICS                    host:port of its metrics API (liveness: DescribeJobRepeated)
 #   MODEL_NAME                    the model to wait for (the image sets it)
 #   DRAIN_PORTS                   local TCP ports whose established connections are requests in flight
 #   DRAIN_DELAY_SECONDS           wait this long first (the pod's removal from the endpoints spreads)
@@ -20,11 +21,19 @@ set -eu
 
 TS_INFERENCE="${TS_INFERENCE:-127.0.0.1:8080}"
 TS_MANAGEMENT="${TS_MANAGEMENT:-127.0.0.1:8081}"
+TS_METRICS="${TS_METRICS:-127.0.0.1:8082}"
 
 live() {
     # curl without -f succeeds on any HTTP answer: a worker that is restarting is TorchServe's business
     # (it restarts workers itself); only a frontend that no longer answers is worth a container restart.
     curl -sS -o /dev/null --max-time 5 "http://$TS_INFERENCE/ping"
+    # ... or a model wedged by a customized describe (handler/serving/describe_jobs.py): the handler
+    # publishes DescribeJobRepeated > 0, and only a restart recovers.
+    if curl -sS --max-time 5 "http://$TS_METRICS/metrics?name[]=DescribeJobRepeated" 2>/dev/null \
+        | grep -qE '^DescribeJobRepeated(\{[^}]*\})? +[1-9]'; then
+        echo "a model is wedged by a customized describe (DescribeJobRepeated > 0): restart" >&2
+        return 1
+    fi
 }
 
 ready() {
