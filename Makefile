@@ -84,7 +84,7 @@ stop:
 	@scripts/stop.sh --run-dir $(RUN_DIR)
 
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 # Debian's Docker engine (dockerd, run as root on a private socket by the image test) and debootstrap (the
 # stand-in base where no registry answers). Installed only when missing, as `system-packages` does.

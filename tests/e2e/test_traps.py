@@ -51,7 +51,7 @@ def test_a_worker_dying_between_two_iterations_answers_every_open_client(server,
     requests_ = [
         (gap_model, {"prompt": "流一", "stream": True, **LONG}),
         (gap_model, {"prompt": "整一", **LONG}),
-        (f"{gap_model}/1.0/v1/completions", {"prompt": "开放", "stream": True, "max_tokens": 250}),
+        (f"{gap_model}/1.0/v1/completions", {"prompt": "开放", "stream": True, "max_tokens": 250, "ignore_eos": True}),
     ]
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = [pool.submit(_collect, client, path, body) for path, body in requests_]
