@@ -30,10 +30,12 @@ STREAMS = 6
 def foreground(tmp_path, model_store):
     config = write_config(tmp_path)
     run_dir = tmp_path / "run"
+    # the output goes to a file: a pipe nobody reads fills (64 KiB) and blocks serve.sh and the frontend
+    output = (tmp_path / "serve.out").open("w+")
     proc = subprocess.Popen([str(REPO / "scripts" / "serve.sh"), "--foreground", "--register", MODEL,
                              "--config", str(config), "--model-store", str(model_store), "--run-dir", str(run_dir)],
                             env={**script_env(), "TS_DRAIN_SECONDS": str(DRAIN_S)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=output, stderr=subprocess.STDOUT, text=True)
     client = TorchServe.from_config(config, run_dir)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -44,17 +46,24 @@ def foreground(tmp_path, model_store):
             except Exception:  # noqa: BLE001 - not registered yet
                 pass
         time.sleep(0.5)
-    assert proc.poll() is None, proc.stdout.read()
-    yield proc, client
+    assert proc.poll() is None, _read(output)
+    yield proc, client, output
     if proc.poll() is None:
         proc.kill()
         proc.wait(30)
     subprocess.run([str(REPO / "scripts" / "stop.sh"), "--run-dir", str(run_dir)], env=script_env(),
                    capture_output=True, timeout=120)
+    output.close()
+
+
+def _read(output) -> str:
+    output.flush()
+    output.seek(0)
+    return output.read()
 
 
 def test_sigterm_drains_streams_in_flight_and_refuses_new_requests(foreground):
-    proc, client = foreground
+    proc, client, serve_output = foreground
     key = read_keys(client.key_file)["inference"]
     url = f"{client.inference_url}/predictions/{MODEL}"
     outcomes, events, threads = start_streams(url, key, STREAMS, long_stream(client.report(MODEL)))
@@ -69,7 +78,7 @@ def test_sigterm_drains_streams_in_flight_and_refuses_new_requests(foreground):
     stopped_s = time.monotonic() - start
     for thread in threads:
         thread.join(30)
-    output = proc.stdout.read()
+    output = _read(serve_output)
     assert rc == 0, output[-3000:]
     assert not lost(outcomes), f"streams lost: {lost(outcomes)} ({summary(outcomes)})"
     assert late.status_code == 503 and "shutting down" in late.text, (late.status_code, late.text)
