@@ -3,7 +3,9 @@
 - `memory_plan_figure`: `scripts/plan_memory.py --plot FILE`: the planned split of one worker, part by part,
   and the card: each worker's total stacked, then what is left free (or how far over it is);
 - `load_figure`: `benchmarks/load.py --plot FILE`: latency percentiles and generated tokens/s against the
-  arrival rate, one line per scheduling, and the CDF of time to first token at the highest rate.
+  arrival rate, one line per scheduling, and the CDF of time to first token at the highest rate;
+- `measured_vs_plan_figure`: `make gpu-report` (or `python -m gpt2ops.plots gpu-report.json [FOLDER]` on any
+  machine, from the report a GPU run wrote): each worker's measured split beside its plan.
 
 matplotlib is a tool of the operator's machine (requirements.txt), not of the serving image: it is imported
 here, when a picture is asked for, with the file-only Agg backend. The file's format follows its suffix
@@ -134,6 +136,52 @@ def load_figure(rows: Sequence[Mapping[str, Any]], ttft_at_highest: Mapping[str,
     return fig
 
 
+def measured_vs_plan_bars(parts_mib: Mapping[str, float], plan_mib: Mapping[str, float]) -> dict[str, list]:
+    """The stacked segments of the measured-beside-plan picture: the union of the parts' names (the measured
+    ones first, in their order), and each bar's MiB per name (0 where a side lacks the part)."""
+    names = [n for n in parts_mib if n != "total"] + [n for n in plan_mib if n != "total" and n not in parts_mib]
+    return {"names": names,
+            "measured": [float(parts_mib.get(n) or 0.0) for n in names],
+            "plan": [float(plan_mib.get(n) or 0.0) for n in names]}
+
+
+def measured_vs_plan_figure(title: str, parts_mib: Mapping[str, float], total_mib: float | None,
+                            plan_mib: Mapping[str, float]):
+    """Two stacked bars: the worker's measured parts (gpu-report) and plan_memory's parts for its shapes."""
+    plt = _pyplot()
+    bars = measured_vs_plan_bars(parts_mib, plan_mib)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    bottoms = {"measured": 0.0, "plan": 0.0}
+    for i, name in enumerate(bars["names"]):
+        for side in ("measured", "plan"):
+            mib = bars[side][i]
+            ax.bar([side], [mib], bottom=bottoms[side], color=f"C{i % 10}", label=name if side == "measured" else None)
+            bottoms[side] += mib
+    if total_mib is not None:
+        ax.plot(["measured"], [total_mib], "k_", markersize=40, label=f"NVML total: {total_mib:,.1f}")
+    ax.set_ylabel("MiB")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def gpu_report_figures(report: Mapping[str, Any], folder: Path) -> list[Path]:
+    """One picture per worker section of a gpu-report.json that has both a measured split and a plan."""
+    written = []
+    for key, section in report.get("sections", {}).items():
+        if not key.startswith("worker_") or "describe" not in section or not section.get("plan"):
+            continue
+        memory = section["describe"]["memory"]
+        env = report.get("environment", {})
+        title = (f"{key[len('worker_'):]} worker on {env.get('gpu', 'the GPU')}: measured (make gpu-report, "
+                 f"{env.get('date', '')}) beside plan_memory.py")
+        fig = measured_vs_plan_figure(title, memory.get("parts_mib", {}), memory.get("total_mib"),
+                                      section["plan"]["per_worker_mib"])
+        written.append(save(fig, Path(folder) / f"memory-{key[len('worker_'):]}.png"))
+    return written
+
+
 def save(fig, path: Path) -> Path:
     """Write the figure (format from the suffix) and close it."""
     path = Path(path)
@@ -141,3 +189,25 @@ def save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     _pyplot().close(fig)
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m gpt2ops.plots gpu-report.json [FOLDER]: draw a GPU report's pictures (default: beside it)."""
+    import json
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if not 1 <= len(args) <= 2:
+        print("usage: python -m gpt2ops.plots gpu-report.json [FOLDER]", file=sys.stderr)
+        return 2
+    source = Path(args[0])
+    written = gpu_report_figures(json.loads(source.read_text()), Path(args[1]) if len(args) == 2 else source.parent)
+    for path in written:
+        print(path)
+    if not written:
+        print(f"{source}: no worker section with both a measured split and a plan", file=sys.stderr)
+    return 0 if written else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

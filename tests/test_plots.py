@@ -97,3 +97,49 @@ def test_the_load_sweep_table_and_picture_read_the_same_rows():
     assert p99 == [rows[0]["latency_ms"][0.99], rows[1]["latency_ms"][0.99]] == pytest.approx([300.0, 900.0])
     for row, value in zip(rows, p99):
         assert f"{value:,.0f}" in table
+
+
+GPU_REPORT = {  # the shape of gpu-report.json's worker section (gpt2ops.gpu_report.worker_section)
+    "environment": {"gpu": "NVIDIA H200", "date": "2026-12-03T12:00:00+00:00"},
+    "sections": {
+        "worker_110m": {
+            "describe": {"memory": {"total_mib": 1100.0, "parts_mib": {
+                "cuda_context": 530.0, "weights": 237.4, "kv_cache": 148.5, "allocator_cache": 40.0}}},
+            "plan": {"per_worker_mib": {"cuda_context": 520.0, "weights": 237.4, "kv_cache": 148.5,
+                                        "graphs": 51.5, "total": 957.4}},
+        },
+        "worker_3.5b": {"error": "timed out"},  # no picture without a measured split
+    },
+}
+
+
+def test_a_gpu_reports_picture_stacks_the_measured_parts_beside_the_plans(tmp_path):
+    from gpt2ops.plots import gpu_report_figures, measured_vs_plan_bars, measured_vs_plan_figure
+
+    section = GPU_REPORT["sections"]["worker_110m"]
+    bars = measured_vs_plan_bars(section["describe"]["memory"]["parts_mib"], section["plan"]["per_worker_mib"])
+    assert bars["names"] == ["cuda_context", "weights", "kv_cache", "allocator_cache", "graphs"]
+    assert bars["measured"] == [530.0, 237.4, 148.5, 40.0, 0.0]
+    assert bars["plan"] == [520.0, 237.4, 148.5, 0.0, 51.5]
+    fig = measured_vs_plan_figure("t", section["describe"]["memory"]["parts_mib"], 1100.0,
+                                  section["plan"]["per_worker_mib"])
+    drawn = {"measured": [], "plan": []}
+    for patch in fig.axes[0].patches:
+        drawn["measured" if patch.get_x() < 0.5 else "plan"].append(patch.get_height())
+    assert drawn["measured"] == pytest.approx(bars["measured"]) and drawn["plan"] == pytest.approx(bars["plan"])
+    written = gpu_report_figures(GPU_REPORT, tmp_path)
+    assert [p.name for p in written] == ["memory-110m.png"]
+    assert written[0].read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plots_module_draws_from_a_gpu_report_json(tmp_path):
+    source = tmp_path / "gpu-report.json"
+    source.write_text(json.dumps(GPU_REPORT))
+    proc = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-m", "gpt2ops.plots", str(source)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "memory-110m.png").read_bytes()[:8] == PNG_MAGIC
+    source.write_text(json.dumps({"sections": {}}))
+    proc = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-m", "gpt2ops.plots", str(source)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 1 and "no worker section" in proc.stderr
