@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """One worker against two workers of one model, same load, one real TorchServe (docs/engine.md, Traps).
 
-    .venv/bin/python -m benchmarks.two_workers                       # ~2 minutes on 2 cores
-    .venv/bin/python -m benchmarks.two_workers --requests 40 --interval 0.5
+    .venv/bin/python -m benchmarks.two_workers                       # ~3 minutes on 2 cores
+    .venv/bin/python -m benchmarks.two_workers --requests 30 --interval 0.8 --tokens 64   # a heavier load
 
 Under continuous batching, TorchServe 0.12.0's `Model.pollInferJob` holds the model-wide lock while an idle
 worker waits in `poll` for a job; a busy worker that needs the lock for its next iteration waits until a
@@ -116,9 +116,10 @@ def wait_for_workers(server, count: int, seconds: float = 180) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=30, help="measured requests per shape (default 30)")
-    parser.add_argument("--interval", type=float, default=0.8, help="seconds between two arrivals (default 0.8)")
-    parser.add_argument("--tokens", type=int, default=64, help="new tokens per request (default 64)")
+    parser.add_argument("--requests", type=int, default=12, help="measured requests per shape (default 12)")
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between two arrivals (default 2: a "
+                        "light load, where a stall cannot be mistaken for a busy CPU)")
+    parser.add_argument("--tokens", type=int, default=16, help="new tokens per request (default 16)")
     parser.add_argument("--model-dir", default=None, help="the saved tiny model (default: artifacts/models/tiny-gpt2)")
     args = parser.parse_args(argv)
 
@@ -130,6 +131,7 @@ def main(argv=None) -> int:
         print(f"error: no saved model at {model_dir}; run `make model` first", file=sys.stderr)
         return 1
     timings = {}
+    load = os.getloadavg()  # other work on the machine: the figures are only comparable within one run
     with tempfile.TemporaryDirectory(prefix="two-workers-") as tmp:
         root = Path(tmp)
         store = root / "model_store"
@@ -153,7 +155,7 @@ def main(argv=None) -> int:
     print(f"# two workers of one model: {platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or 'cpu'}), "
           f"TorchServe 0.12.0, tiny GPT-2 on the CPU in float32, the shipped model-config.yaml (continuous "
           f"batching, iteration_ms 25); {args.requests} streamed requests of {args.tokens} tokens, one every "
-          f"{args.interval} s")
+          f"{args.interval} s; load average before {load[0]:.1f}, after {os.getloadavg()[0]:.1f}")
     print("| workers | answered | latency p50 (ms) | latency p99 (ms) | first chunk p50 (ms) | "
           "longest gap between chunks (ms) | median request's longest gap (ms) |")
     print("|---|---|---|---|---|---|---|")
