@@ -142,9 +142,9 @@ def test_an_error_after_a_streams_first_chunk_ends_it_cleanly_and_spares_its_nei
     fail = {"X-Fault-Injection": "fail-after-first-chunk"}
     long = {"ignore_eos": True, "decoding": "greedy"}
     cases = [
-        (gap_model, {"prompt": "流一", "stream": True, "max_new_tokens": 32, **long}, fail),
-        (f"{gap_model}/1.0/v1/completions", {"prompt": "开放", "stream": True, "max_tokens": 32, **long}, fail),
-        (gap_model, {"prompt": "邻居", "stream": True, "max_new_tokens": 32, **long}, None),
+        (gap_model, {"prompt": "流一", "stream": True, "max_new_tokens": 64, **long}, fail),
+        (f"{gap_model}/1.0/v1/completions", {"prompt": "开放", "stream": True, "max_tokens": 64, **long}, fail),
+        (gap_model, {"prompt": "邻居", "stream": True, "max_new_tokens": 64, **long}, None),
     ]
     with ThreadPoolExecutor(max_workers=len(cases)) as pool:
         (native, native_text, _), (openai, openai_text, _), (neighbour, neighbour_text, _) = pool.map(
@@ -159,9 +159,9 @@ def test_an_error_after_a_streams_first_chunk_ends_it_cleanly_and_spares_its_nei
     error = json.loads(events[-3].removeprefix("data: "))["error"]
     assert error["type"] == "server_error" and "RuntimeError" in error["message"], error
     assert all("choices" in json.loads(e.removeprefix("data: ")) for e in events[:-3]), openai_text[-300:]
-    assert neighbour == 200 and json.loads(neighbour_text.splitlines()[-1])["completion_tokens"] == 32, neighbour_text
+    assert neighbour == 200 and json.loads(neighbour_text.splitlines()[-1])["completion_tokens"] == 64, neighbour_text
     print(f"\nerror after the first chunk: native {len(chunks)} text lines then the error line, OpenAI "
-          f"{len(events) - 3} events then the error event and [DONE]; the neighbour got its 32 tokens")
+          f"{len(events) - 3} events then the error event and [DONE]; the neighbour got its 64 tokens")
 
 
 # ---- a client that leaves a request that is not streamed ----
@@ -175,13 +175,15 @@ def test_a_client_leaving_an_unstreamed_request_frees_its_slot_within_an_iterati
     connection at the next call and drops the job; the handler cancels it at the call after (its log line).
     A streamed neighbour keeps the worker called (with no open job left the frontend calls the worker only
     when a request comes: the slot is then freed before that request is admitted)."""
-    slow = {"prompt": "走开", "max_new_tokens": 96, "top_k": 16, "ignore_eos": True}  # seconds on 2 cores
+    slow = {"prompt": "走开", "max_new_tokens": 256, "top_k": 16, "ignore_eos": True}
     log = server.run_dir / "logs" / "model_log.log"
     offset = log.stat().st_size
     began = threading.Event()
-    host, port = urlsplit(client.inference_url).hostname, urlsplit(client.inference_url).port
-    body = json.dumps(slow, ensure_ascii=False).encode()
     with ThreadPoolExecutor(max_workers=1) as pool:
+        neighbour = pool.submit(_collect, client, MODEL, {**slow, "prompt": "留下", "stream": True}, None, began)
+        assert began.wait(60), "the neighbour got no first chunk"
+        host, port = urlsplit(client.inference_url).hostname, urlsplit(client.inference_url).port
+        body = json.dumps(slow, ensure_ascii=False).encode()
         with socket.create_connection((host, port), timeout=30) as sock:
             sock.sendall(f"POST /predictions/{MODEL} HTTP/1.1\r\nHost: {host}:{port}\r\n"
                          f"Authorization: Bearer {client.key('inference')}\r\nContent-Type: application/json\r\n"
@@ -191,9 +193,7 @@ def test_a_client_leaving_an_unstreamed_request_frees_its_slot_within_an_iterati
                 head += sock.recv(4096) or b"(closed)"
                 assert not head.endswith(b"(closed)"), head
             assert head.startswith(b"HTTP/1.1 200"), head
-            # the neighbour, begun now, outlives the leaving client's job by most of a generation
-            neighbour = pool.submit(_collect, client, MODEL, {**slow, "prompt": "留下", "stream": True}, None, began)
-            assert began.wait(60), "the neighbour got no first chunk"
+            time.sleep(0.2)  # well into its generation
         left = time.monotonic()  # the socket is closed
         found = None
         while found is None and time.monotonic() - left < 30:
