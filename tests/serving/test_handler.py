@@ -93,7 +93,7 @@ def test_a_client_that_goes_away_frees_its_slot(handler):
     after = handler.engine.stats()
     assert codes == [200] and after.slots_in_use == 0 and after.waiting == 0  # its slot is free again
     assert generated < 90 + 30  # it stopped generating
-    assert handler.engine.get(hung_up) is None and not handler.batching.jobs  # forgotten
+    assert handler.engine.get(hung_up) is None and not handler.loop.jobs  # forgotten
 
 
 def test_bad_request_fails_alone_in_its_batch(handler):
