@@ -51,12 +51,12 @@ def timed(engine: Engine, requests: list[Request], repeats: int = 3) -> tuple[fl
     engine.run_to_completion([Request(f"warm-{r.request_id}", r.prompt_ids, r.params, seed=r.seed) for r in requests])
     best = float("inf")
     for _ in range(repeats):
-        steps = engine.steps
+        steps = engine.stats().steps
         start = time.perf_counter()
         gens = engine.run_to_completion(requests)
         if engine.pool.kv.device.type == "cuda":
             torch.cuda.synchronize()
-        best = min(best, 1000 * (time.perf_counter() - start) / (engine.steps - steps))
+        best = min(best, 1000 * (time.perf_counter() - start) / (engine.stats().steps - steps))
     return best, [g.tokens for g in gens]
 
 

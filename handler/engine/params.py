@@ -75,6 +75,53 @@ class Range:
         return Range(self.low, min(self.high, high), self.low_open)
 
 
+def describe(value: Any) -> str:
+    """A value as a message shows it: its repr, cut at 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def type_name(value: Any) -> str:
+    """A value's type as JSON calls it: "an integer", "a string", "null"."""
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def as_integer(name: str, value: Any) -> int:
+    """`value` if it is an integer (not a boolean); else InvalidParameter naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidParameter(name, PARAM, f" must be an integer, got {type_name(value)} ({describe(value)})")
+    return value
+
+
+def as_number(name: str, value: Any) -> float:
+    """`value` as a finite float (JSON's integers of any length included); else InvalidParameter naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidParameter(name, PARAM, f" must be a number, got {type_name(value)} ({describe(value)})")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the largest float (JSON allows any number of digits)
+        raise InvalidParameter(name, PARAM, f" must be a finite number, got {describe(value)}") from None
+    if not math.isfinite(number):
+        raise InvalidParameter(name, PARAM, f" must be a finite number, got {number}")
+    return number
+
+
+def as_boolean(name: str, value: Any) -> bool:
+    """`value` if it is true or false; else InvalidParameter naming `name`."""
+    if not isinstance(value, bool):
+        raise InvalidParameter(name, PARAM, f" must be true or false, got {type_name(value)} ({describe(value)})")
+    return value
+
+
+def as_decoding(name: str, value: Any) -> str:
+    """`value` if it names a decoding mode; else InvalidParameter naming `name`."""
+    if not isinstance(value, str) or value not in DECODING_MODES:
+        raise InvalidParameter(name, PARAM, f" must be one of {', '.join(map(repr, DECODING_MODES))}, "
+                               f"got {describe(value)}")
+    return value
+
+
 def fmt(x: float) -> str:
     """A number as a message shows it: 4294967295, 0.6, 1e-05; an integer exactly, however large (a float of it
     may overflow), shortened past 24 digits."""
@@ -119,26 +166,20 @@ class GenerationParams:
 
     def validate(self) -> None:
         """Raise InvalidParameter for the first field out of its range."""
-        if self.decoding not in DECODING_MODES or not isinstance(self.decoding, str):
-            raise InvalidParameter("decoding", PARAM, f" must be one of {', '.join(map(repr, DECODING_MODES))}, "
-                                   f"got {self.decoding!r}")
-        _integer("max_new_tokens", self.max_new_tokens)
-        RANGES["max_new_tokens"].require("max_new_tokens", self.max_new_tokens)
+        as_decoding("decoding", self.decoding)
+        RANGES["max_new_tokens"].require("max_new_tokens", as_integer("max_new_tokens", self.max_new_tokens))
         for name in ("do_sample", "ignore_eos", "stream", "return_token_ids"):
-            if not isinstance(getattr(self, name), bool):
-                raise InvalidParameter(name, PARAM, f" must be true or false, got {getattr(self, name)!r}")
+            as_boolean(name, getattr(self, name))
         require_mode_agrees(self.decoding, self.do_sample)
-        RANGES["penalty_alpha"].require("penalty_alpha", _number("penalty_alpha", self.penalty_alpha))
+        RANGES["penalty_alpha"].require("penalty_alpha", as_number("penalty_alpha", self.penalty_alpha))
         if self.decoding != "greedy":
-            _integer("top_k", self.top_k)
-            RANGES[f"top_k/{self.decoding}"].require("top_k", self.top_k)
-        RANGES["temperature"].require("temperature", _number("temperature", self.temperature))
-        RANGES["top_p"].require("top_p", _number("top_p", self.top_p))
+            RANGES[f"top_k/{self.decoding}"].require("top_k", as_integer("top_k", self.top_k))
+        RANGES["temperature"].require("temperature", as_number("temperature", self.temperature))
+        RANGES["top_p"].require("top_p", as_number("top_p", self.top_p))
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidParameter("stop", PARAM, f" must be a tuple of non-empty strings, got {self.stop!r}")
         if self.seed is not None:
-            _integer("seed", self.seed)
-            RANGES["seed"].require("seed", self.seed)
+            RANGES["seed"].require("seed", as_integer("seed", self.seed))
         if self.eos_token_id is not None:
             ids = self.eos_token_id
             if not isinstance(ids, tuple) or not 1 <= len(ids) <= MAX_EOS_IDS \
@@ -168,15 +209,3 @@ def require_mode_agrees(decoding: str | None, do_sample: bool | None) -> None:
         raise InvalidParameter("do_sample", PARAM, " must be false with decoding='greedy'; use decoding='sample'")
     if decoding == "sample" and do_sample is False:
         raise InvalidParameter("do_sample", PARAM, " must be true with decoding='sample'; use decoding='greedy'")
-
-
-def _integer(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidParameter(name, PARAM, f" must be an integer, got {value!r}")
-    return value
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidParameter(name, PARAM, f" must be a finite number, got {value!r}")
-    return value

@@ -19,12 +19,12 @@ here the limits of this worker narrow them.
 from __future__ import annotations
 
 import difflib
-import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
 from handler.engine.params import (DECODING_MODES, MAX_EOS_IDS, PARAM, RANGES, GenerationParams, InvalidParameter,
-                                   Range, require_mode_agrees)
+                                   Range, as_boolean, as_decoding, as_integer, as_number, describe, require_mode_agrees,
+                                   type_name)
 from handler.serving.errors import RequestError
 from handler.serving.limits import RequestLimits, refuse_unknown_keys
 
@@ -32,45 +32,13 @@ from handler.serving.limits import RequestLimits, refuse_unknown_keys
 # ---- JSON readers: each returns the value in the engine's type or raises InvalidParameter naming the field ----
 
 
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+def _plain(read: Callable[[str, Any], Any]) -> Callable[[str, Any, RequestLimits], Any]:
+    """A reader of `handler.engine.params` (one home for the type rules), in the table's signature."""
+    return lambda name, value, limits: read(name, value)
 
 
-def type_name(value: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def read_integer(name: str, value: Any, limits: RequestLimits) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidParameter(name, PARAM, f" must be an integer, got {type_name(value)} ({_describe(value)})")
-    return value
-
-
-def read_number(name: str, value: Any, limits: RequestLimits) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidParameter(name, PARAM, f" must be a number, got {type_name(value)} ({_describe(value)})")
-    try:
-        number = float(value)
-    except OverflowError:  # an integer beyond the largest float (JSON allows any number of digits)
-        raise InvalidParameter(name, PARAM, f" must be a finite number, got {_describe(value)}") from None
-    if not math.isfinite(number):
-        raise InvalidParameter(name, PARAM, f" must be a finite number, got {number}")
-    return number
-
-
-def read_boolean(name: str, value: Any, limits: RequestLimits) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidParameter(name, PARAM, f" must be true or false, got {type_name(value)} ({_describe(value)})")
-    return value
-
-
-def read_decoding(name: str, value: Any, limits: RequestLimits) -> str:
-    if not isinstance(value, str) or value not in DECODING_MODES:
-        raise InvalidParameter(name, PARAM, f" must be one of {', '.join(map(repr, DECODING_MODES))}, "
-                               f"got {_describe(value)}")
-    return value
+read_integer, read_number, read_boolean, read_decoding = map(_plain, (as_integer, as_number, as_boolean,
+                                                                      as_decoding))
 
 
 def read_stop(name: str, value: Any, limits: RequestLimits) -> tuple[str, ...]:
@@ -82,7 +50,7 @@ def read_stop(name: str, value: Any, limits: RequestLimits) -> tuple[str, ...]:
         raise InvalidParameter(name, PARAM, f" must have at most {limits.max_stop_strings} strings, got {len(value)}")
     for item in value:
         if not isinstance(item, str):
-            raise InvalidParameter(name, PARAM, f" must contain only strings, got {type_name(item)} ({_describe(item)})")
+            raise InvalidParameter(name, PARAM, f" must contain only strings, got {type_name(item)} ({describe(item)})")
         if not item:
             raise InvalidParameter(name, PARAM, " strings must not be empty")
         if len(item) > limits.max_stop_length:
@@ -95,10 +63,10 @@ def read_token_ids(name: str, value: Any, limits: RequestLimits) -> tuple[int, .
     items = value if isinstance(value, list) else [value]
     if not items or len(items) > MAX_EOS_IDS:
         raise InvalidParameter(name, PARAM, f" must be an integer or a list of 1 to {MAX_EOS_IDS} integers, "
-                               f"got {_describe(value)}")
+                               f"got {describe(value)}")
     for item in items:
         if isinstance(item, bool) or not isinstance(item, int):
-            raise InvalidParameter(name, PARAM, f" must be an integer or a list of integers, got {_describe(value)}")
+            raise InvalidParameter(name, PARAM, f" must be an integer or a list of integers, got {describe(value)}")
     return tuple(items)
 
 

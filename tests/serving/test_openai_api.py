@@ -368,9 +368,9 @@ def test_a_client_that_goes_away_frees_every_choice(handler):
 
 
 def test_out_of_memory_in_one_choice_is_507_for_the_call_alone(handler, monkeypatch):
-    import handler.engine.scheduler as scheduler
+    import handler.engine.runner as runner
 
-    real = scheduler.prefill_slot
+    real = runner.prefill_slot
     bad = handler.loaded.tokenizer.encode("b")
 
     def oom_for_b(model, pool, slot, prompt_ids, *args):
@@ -378,7 +378,7 @@ def test_out_of_memory_in_one_choice_is_507_for_the_call_alone(handler, monkeypa
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(model, pool, slot, prompt_ids, *args)
 
-    monkeypatch.setattr(scheduler, "prefill_slot", oom_for_b)
+    monkeypatch.setattr(runner, "prefill_slot", oom_for_b)
     codes, bodies, _ = send(handler, [{"prompt": ["a", "b"], "max_tokens": 30, "temperature": 0},
                                       {"prompt": "c", "max_tokens": 6, "temperature": 0}])
     assert codes == [507, 200]
@@ -390,9 +390,9 @@ def test_out_of_memory_in_one_choice_is_507_for_the_call_alone(handler, monkeypa
 
 
 def test_a_failure_after_events_went_out_is_an_error_event(handler, monkeypatch):
-    import handler.engine.scheduler as scheduler
+    import handler.engine.runner as runner
 
-    real, calls = scheduler.decode_one_token, {"n": 0}
+    real, calls = runner.decode_one_token, {"n": 0}
 
     def fails_later(*args, **kw):
         calls["n"] += 1
@@ -400,7 +400,7 @@ def test_a_failure_after_events_went_out_is_an_error_event(handler, monkeypatch)
             raise ValueError("a bug")
         return real(*args, **kw)
 
-    monkeypatch.setattr(scheduler, "decode_one_token", fails_later)
+    monkeypatch.setattr(runner, "decode_one_token", fails_later)
     codes, bodies, chunks = send(handler, [{"prompt": "Hello", "max_tokens": 90, "temperature": 0,
                                             "stream": True}])
     monkeypatch.undo()

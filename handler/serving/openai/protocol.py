@@ -13,13 +13,13 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from handler.engine.params import InvalidParameter
+from handler.engine import params
+from handler.engine.params import InvalidParameter, type_name
 from handler.engine.stopping import FinishReason
 from handler.serving.body import (JSON_HINT, body_of, decode, parse_json, require_declared_size,
                                   require_fields_text)
 from handler.serving.errors import RequestError, field_label
-from handler.serving.fields import (read_boolean, read_integer, read_number, require_prompt_text, type_name,
-                                    unknown_field)
+from handler.serving.fields import require_prompt_text, unknown_field
 from handler.serving.routes import ReadyAnswer
 
 PREFIX = "v1"
@@ -121,24 +121,24 @@ def read_body(entry: Any, headers: Mapping[str, Any], max_body_bytes: int) -> di
     return body
 
 
-def _typed(read: Callable[[str, Any, Any], Any], name: str, value: Any) -> Any:
-    """`value` read by the native field reader (the same type rules and messages), errors in OpenAI's kind."""
+def _typed(read: Callable[[str, Any], Any], name: str, value: Any) -> Any:
+    """`value` read by the one type reader (the same type rules and messages), errors in OpenAI's kind."""
     try:
-        return read(name, value, None)  # these readers do not look at the limits
+        return read(name, value)
     except InvalidParameter as err:
         raise OpenAIError(name, err.message) from None
 
 
 def as_boolean(name: str, value: Any) -> bool:
-    return _typed(read_boolean, name, value)
+    return _typed(params.as_boolean, name, value)
 
 
 def as_integer(name: str, value: Any) -> int:
-    return _typed(read_integer, name, value)
+    return _typed(params.as_integer, name, value)
 
 
 def as_number(name: str, value: Any) -> float:
-    return _typed(read_number, name, value)
+    return _typed(params.as_number, name, value)
 
 
 def _asks_for_nothing(name: str, value: Any) -> bool:
