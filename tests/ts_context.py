@@ -66,6 +66,9 @@ class Frontend:
         self.batch_size = context.model_yaml_config.get("batchSize", 1)
         self.calls = 0
         self.served = 0  # requests sent so far: each gets a request id of its own, as TorchServe's are unique
+        # each request's first answer: its status and its `ts_stream_next` header (None: not set), by request id;
+        # "false" there is the shape TorchServe 0.12.0 cannot send (no status line: Netty's EncoderException)
+        self.first_answers: dict[str, tuple[int, str | None]] = {}
 
     def serve(self, bodies: list, headers: list[dict] | None = None, *, drop: dict[int, int] | None = None,
               max_calls: int = 10_000, entries: bool = False) -> tuple[list[int], list[str], list[list[str]]]:
@@ -106,6 +109,7 @@ class Frontend:
                 stream_next = self.context.get_response_headers(n).get("ts_stream_next") if self.continuous else None
                 if statuses[i] is None:
                     statuses[i] = self.context.get_response_status(n)[0] or 200
+                    self.first_answers[ids[i]] = (statuses[i], stream_next)
                 chunks[i].append(text)
                 if stream_next == "true":
                     if i in drop and len(chunks[i]) >= drop[i]:

@@ -46,6 +46,8 @@ class Request:
     seed: int = 0  # the sampler's seed, resolved by the caller when params.seed is None
     deadline: float | None = None  # time.monotonic() past which the request ends as TIMEOUT
     on_admit: Callable[[], None] | None = None  # called just before the prefill; an exception fails this request
+    on_tokens: Callable[[int], None] | None = None  # called with its token count at each look that brings it new
+    # tokens; an exception fails this request alone (the tests' fault injection: handler.serving.preparation)
 
 
 @dataclass
@@ -263,6 +265,11 @@ class Scheduler:
                     self.last_ttft_ms = 1000 * (step.now - gen.submitted_at)
                     events = True
             reason, _keep = gen.stopping.reason_to_stop(new, step.device_finished.get(slot), step.now)
+            if reason is None and new and gen.request.on_tokens is not None:
+                try:
+                    gen.request.on_tokens(len(gen.tokens))
+                except Exception as err:  # noqa: BLE001 - this request fails alone, its neighbours go on
+                    gen.error, reason = err, FinishReason.ERROR
             if reason is not None:
                 ended.setdefault(reason, []).append(gen)
                 changed[gen.request_id] = gen

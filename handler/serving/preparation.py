@@ -46,7 +46,7 @@ class EngineRequests:
         seed = params.seed if params.seed is not None else secrets.randbelow(SEED_LIMIT)
         return Request(request_id, prompt_ids, params, params.end_ids(self.eos_ids), seed,
                        deadline=self.admission.deadline(),
-                       on_admit=self._fault(headers))
+                       on_admit=self._fault(headers), on_tokens=self._late_fault(headers))
 
     def _fault(self, headers: Mapping[str, Any]) -> Callable[[], None] | None:
         """Tests only (`handler.fault_injection`): "X-Fault-Injection: oom" fails the request's prefill;
@@ -63,3 +63,19 @@ class EngineRequests:
             raise torch.OutOfMemoryError(f"simulated out of memory ({FAULT_HEADER}: oom)")
 
         return out_of_memory
+
+    def _late_fault(self, headers: Mapping[str, Any]) -> Callable[[int], None] | None:
+        """Tests only: "X-Fault-Injection: fail-after-first-chunk" fails the request in the engine at its
+        second look with new tokens: after the call that answered its first tokens (its first chunk) returned
+        (tests/e2e/test_traps.py). One generation per request: the OpenAI API's choices share the hook."""
+        if not self.settings.fault_injection or header(headers, FAULT_HEADER) != "fail-after-first-chunk":
+            return None
+        looks = []
+
+        def fail_after_first_look(tokens: int) -> None:
+            looks.append(tokens)
+            if len(looks) > 1:
+                raise RuntimeError(f"simulated failure after {looks[0]} tokens ({FAULT_HEADER}: "
+                                   "fail-after-first-chunk)")
+
+        return fail_after_first_look

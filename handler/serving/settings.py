@@ -94,7 +94,7 @@ class HandlerSettings:
     # off = eager; a fast step that fails its start-up self-check (or errs) falls back to eager by itself
     compile: str = "auto"
     timeout_fraction: float = 0.8  # a request ends ("timeout") after this part of responseTimeout
-    fault_injection: bool = False  # tests only: the header "X-Fault-Injection: oom" fails a request's prefill
+    fault_injection: bool = False  # tests only: the header "X-Fault-Injection" (handler.serving.preparation)
     pool: PoolSettings = PoolSettings()
     defaults: GenerationParams = GenerationParams()
     limits: RequestLimits = RequestLimits()

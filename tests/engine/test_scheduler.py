@@ -154,6 +154,29 @@ def test_a_failing_prefill_fails_its_request_alone(fp32_model, make_engine):
     while engine.busy:
         engine.iterate()
     assert bad.finish_reason is FinishReason.ERROR and isinstance(bad.error, torch.OutOfMemoryError)
+
+def test_a_request_failing_after_its_first_tokens_fails_alone_and_frees_its_slot(fp32_model, make_engine):
+    _, model = fp32_model
+    engine = make_engine(max_slots=2)
+    looks = []
+
+    def fail_at_second_look(tokens):
+        looks.append(tokens)
+        if len(looks) > 1:
+            raise RuntimeError("simulated")
+
+    good = Request("good", [4, 5], GenerationParams(decoding="greedy", max_new_tokens=30), EOS)
+    bad = engine.submit(Request("bad", [1, 2], GenerationParams(decoding="greedy", max_new_tokens=30), EOS,
+                                on_tokens=fail_at_second_look))
+    ok = engine.submit(good)
+    while not bad.done:
+        engine.iterate()
+    assert bad.finish_reason is FinishReason.ERROR and isinstance(bad.error, RuntimeError)
+    assert 1 <= looks[0] < len(bad.tokens) < 30  # it had tokens before it failed, and stopped early
+    assert not ok.done and engine.stats().slots_in_use == 1  # its slot is free, its neighbour goes on
+    while engine.busy:
+        engine.iterate()
+    assert ok.tokens == alone(model, good)
     assert ok.tokens == alone(model, good)
 
 
