@@ -88,7 +88,7 @@ def time_engine(model, mode: str, batch: int, prompt_len: int, new: int, device,
         engine.set_step(fast, shapes, fast.path)
 
     def run(tag: str) -> list:
-        return engine.generate([Request(f"{tag}{i}", p, params, (), seed=i) for i, p in enumerate(prompts)])
+        return engine.run_to_completion([Request(f"{tag}{i}", p, params, (), seed=i) for i, p in enumerate(prompts)])
 
     run("warm-up")
     sync(device)

@@ -48,15 +48,15 @@ def build(shape: str, device: torch.device):
 
 def timed(engine: Engine, requests: list[Request], repeats: int = 3) -> tuple[float, list[list[int]]]:
     """ms per step for these requests run together (the fastest of `repeats` runs), and their tokens."""
-    engine.generate([Request(f"warm-{r.request_id}", r.prompt_ids, r.params, seed=r.seed) for r in requests])
+    engine.run_to_completion([Request(f"warm-{r.request_id}", r.prompt_ids, r.params, seed=r.seed) for r in requests])
     best = float("inf")
     for _ in range(repeats):
-        steps = engine.steps
+        steps = engine.stats().steps
         start = time.perf_counter()
-        gens = engine.generate(requests)
+        gens = engine.run_to_completion(requests)
         if engine.pool.kv.device.type == "cuda":
             torch.cuda.synchronize()
-        best = min(best, 1000 * (time.perf_counter() - start) / (engine.steps - steps))
+        best = min(best, 1000 * (time.perf_counter() - start) / (engine.stats().steps - steps))
     return best, [g.tokens for g in gens]
 
 

@@ -16,7 +16,8 @@ import torch
 from handler.engine import Request, generate
 from handler.engine.model import load_gpt2
 from handler.engine.params import GenerationParams
-from handler.serving.fields import RequestLimits, params_from_request
+from handler.serving.fields import params_from_request
+from handler.serving.limits import RequestLimits
 from handler.engine.text import detokenizer
 
 

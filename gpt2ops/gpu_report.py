@@ -116,8 +116,8 @@ others = [Request(f"other-{i}", [1 + (7 * i + 3 * j) % 2000 for j in range(5 + 3
 out = {}
 for shapes in ("buckets", "fixed"):
     engine = Engine(model, PoolShape(8, 160, 8), fixed_shapes=shapes == "fixed")
-    alone = engine.generate([target])[0].tokens
-    beside = engine.generate([target, *others])[0].tokens
+    alone = engine.run_to_completion([target])[0].tokens
+    beside = engine.run_to_completion([target, *others])[0].tokens
     diff = next((i for i, (a, b) in enumerate(zip(alone, beside)) if a != b), None)
     out[shapes] = {"tokens": len(alone), "same": sum(a == b for a, b in zip(alone, beside)),
                    "identical": alone == beside, "first_difference": diff, "step": "eager"}
@@ -252,7 +252,7 @@ def environment() -> dict:
 # ---- checks ----
 
 
-def check(name: str, passed: bool | None, measured: str, target: str) -> dict:
+def verdict(name: str, passed: bool | None, measured: str, target: str) -> dict:
     return {"check": name, "result": "pass" if passed else ("not run" if passed is None else "FAIL"),
             "measured": measured, "target": target}
 
@@ -261,30 +261,30 @@ def memory_checks(shape: str, worker: dict, plan: dict | None) -> list[dict]:
     d = worker["describe"]
     mem, step = d["memory"], d["decode_step"]
     parts = mem.get("parts_mib", {})
-    out = [check(f"{shape}: decode step serving", step["live"] == "cuda-graphs", step["live"],
+    out = [verdict(f"{shape}: decode step serving", step["live"] == "cuda-graphs", step["live"],
                  "cuda-graphs (compile: auto on a GPU)"),
-           check(f"{shape}: start-up self-check", bool(step.get("step_check") and step["step_check"]["passed"]),
+           verdict(f"{shape}: start-up self-check", bool(step.get("step_check") and step["step_check"]["passed"]),
                  step["reason"], "every step as eager within the dtype's tolerance (near ties counted)")]
     explained = mem.get("parts_explain_percent")
-    out.append(check(f"{shape}: named parts explain NVML's per-process figure", explained is not None
+    out.append(verdict(f"{shape}: named parts explain NVML's per-process figure", explained is not None
                      and 98 <= explained <= 102, f"{explained}% of {mem.get('total_mib')} MiB "
                      f"({mem.get('driver_figure')})", "98-102%"))
     if plan is not None:
         predicted, measured = plan["per_worker_mib"]["total"], mem.get("total_mib")
         diff = None if not measured else 100 * (predicted - measured) / measured
-        out.append(check(f"{shape}: plan_memory.py predicts the total", diff is not None and abs(diff) <= 10,
+        out.append(verdict(f"{shape}: plan_memory.py predicts the total", diff is not None and abs(diff) <= 10,
                          f"plan {predicted} MiB vs measured {measured} MiB ({diff:+.1f}%)" if diff is not None
                          else "no measured total", "within 10%"))
     if shape == "110m" and parts:
         named = parts.get("cuda_context", 0) + parts.get("weights", 0) + parts.get("slot_pool", 0) \
             + parts.get("graphs", 0)
-        out.append(check(f"{shape}: total after start vs context + weights + pool + graphs",
+        out.append(verdict(f"{shape}: total after start vs context + weights + pool + graphs",
                          mem["total_mib"] <= named + MEMORY_TARGET_SLACK_MIB,
                          f"{mem['total_mib']} MiB vs {named:.1f} MiB + {MEMORY_TARGET_SLACK_MIB:g}",
                          f"<= named + {MEMORY_TARGET_SLACK_MIB:g} MiB"))
     if shape in STARTUP_LIMIT_S:
         limit = STARTUP_LIMIT_S[shape]
-        out.append(check(f"{shape}: start-up with compile and capture", worker["startup_s"] <= limit,
+        out.append(verdict(f"{shape}: start-up with compile and capture", worker["startup_s"] <= limit,
                          f"{worker['startup_s']:.1f} s (compile {step.get('compile_s')} s, capture "
                          f"{step.get('capture_s')} s, shapes {step.get('shapes')}, skipped "
                          f"{step.get('skipped_shapes')})", f"<= {limit:g} s"))
@@ -297,11 +297,11 @@ def speed_checks(rows: list[dict]) -> list[dict]:
         row = next((r for r in rows if r["shape"] == shape and r["batch"] == batch), None)
         got = row and row["steps"].get("graphs")
         if not got:
-            out.append(check(f"{shape} batch {batch}: graphs {metric}", None, "not measured", f"{op} {limit:,}"))
+            out.append(verdict(f"{shape} batch {batch}: graphs {metric}", None, "not measured", f"{op} {limit:,}"))
             continue
         value = got[metric]
         ok = value <= limit if op == "<=" else value >= limit
-        out.append(check(f"{shape} batch {batch}: graphs {metric}", ok, f"{value:,.2f}", f"{op} {limit:,}"))
+        out.append(verdict(f"{shape} batch {batch}: graphs {metric}", ok, f"{value:,.2f}", f"{op} {limit:,}"))
     return out
 
 
@@ -420,7 +420,7 @@ def run_parts(plan: list[Part], ctx: Context, execute=None) -> list[tuple[str, s
                 ctx.skip(part.name, label)
             except Exception as err:  # noqa: BLE001 - one part's failure is reported, the others still run
                 label = f"failed: {type(err).__name__}: {err}"
-                ctx.report["checks"].append(check(part.name, False, label, "runs"))
+                ctx.report["checks"].append(verdict(part.name, False, label, "runs"))
         labels.append((part.name, label))
         ctx.report.setdefault("parts", []).append({"part": part.name, "result": label,
                                                    "at_s": round(ctx.clock.elapsed(), 1)})
@@ -557,10 +557,10 @@ def stage_serve(ctx: Context) -> None:
 def worker_part(name: str, ctx: Context) -> None:
     folder = model_ready(name, ctx)
     if folder is None:
-        ctx.report["checks"].append(check(f"{name}: worker starts", None, "not run: no model", "starts"))
+        ctx.report["checks"].append(verdict(f"{name}: worker starts", None, "not run: no model", "starts"))
     elif not ctx.has_ts:
         ctx.skip(f"memory {name}", "TorchServe's ts is not importable")
-        ctx.report["checks"].append(check(f"{name}: worker starts", None, "not run: no ts", "starts"))
+        ctx.report["checks"].append(verdict(f"{name}: worker starts", None, "not run: no ts", "starts"))
     else:
         worker_section(name, folder, ctx)
 
@@ -585,7 +585,7 @@ def gpu_tests_part(ctx: Context) -> None:
     if not ctx.has_ts:
         ctx.skip("gpu_tests", "TorchServe's ts is not importable: "
                  + ctx.report["staging"].get("serve", {}).get("reason", ""))
-        ctx.report["checks"].append(check("GPU tests pass", None, "not run: no ts", "all pass"))
+        ctx.report["checks"].append(verdict("GPU tests pass", None, "not run: no ts", "all pass"))
         return
     result = run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
                   "tests/memory/test_gpu_memory.py", "tests/gpu"], ctx.env, ctx.timeout(200))
@@ -594,7 +594,7 @@ def gpu_tests_part(ctx: Context) -> None:
     ctx.report["sections"]["gpu_tests"] = {"rc": result["rc"], "seconds": result["seconds"],
                                            "timed_out": result.get("timed_out"), "summary": summary[-1:] or None,
                                            "outcomes": outcomes, "tail": tail(result["stdout"])}
-    ctx.report["checks"].append(check("GPU tests pass", result["rc"] == 0,
+    ctx.report["checks"].append(verdict("GPU tests pass", result["rc"] == 0,
                                       (summary[-1] if summary else f"rc {result['rc']}")
                                       + (" (timed out)" if result.get("timed_out") else ""), "all pass"))
 
@@ -616,7 +616,7 @@ def invariance_part(ctx: Context) -> None:
         return
     ctx.report["sections"]["batch_invariance"] = rows
     for shapes, row in rows.items():
-        ctx.report["checks"].append(check(
+        ctx.report["checks"].append(verdict(
             f"110m batch invariance, decode_shapes {shapes}: one request alone vs beside seven", row["identical"],
             f"{row['same']}/{row['tokens']} tokens the same (first difference at {row['first_difference']})",
             "identical tokens"))
@@ -644,7 +644,7 @@ def worker_section(name: str, model_dir: Path, ctx: Context) -> None:
     report = ctx.report
     result = run([sys.executable, "-c", WORKER, str(model_dir)], ctx.env, ctx.timeout(240))
     if result.get("skipped"):
-        report["checks"].append(check(f"{name}: worker starts", None, "not run: time", "starts"))
+        report["checks"].append(verdict(f"{name}: worker starts", None, "not run: time", "starts"))
         return
     worker = last_json(result["stdout"]) if result["rc"] == 0 else None
     if worker is None and result.get("timed_out") and result["timeout_s"] < 240:
@@ -652,7 +652,7 @@ def worker_section(name: str, model_dir: Path, ctx: Context) -> None:
     if worker is None:
         why = "timed out" if result.get("timed_out") else f"rc {result['rc']}"
         report["sections"][f"worker_{name}"] = {"error": why, "stderr": tail(result["stderr"])}
-        report["checks"].append(check(f"{name}: worker starts", False, why, "starts"))
+        report["checks"].append(verdict(f"{name}: worker starts", False, why, "starts"))
         return
     d, pool = worker["describe"], worker["pool"]
     live = d["decode_step"]["live"]

@@ -9,12 +9,13 @@ TorchServe's hooks to the engine in `handler.engine` and the serving pieces in
   graphs; self-checked against eager, which serves when it fails:
   `handler.engine.compiled`), a warm-up that times the slowest step, the memory
   breakdown (`handler.memory`) and its gauges;
-- `preprocess`: each request prepared (parsed, checked, admitted) or answered
-  with its own error; the engine takes the valid ones (`serving.batching`);
+- `preprocess`: each request routed to its API (`serving.native`, `serving.openai`),
+  which reads, checks, admits and submits it, or answers it with its own error
+  (`serving.loop`);
 - `inference`: the engine decodes (continuous batching: one iteration);
 - `postprocess`: one answer per request, in order, each with its own status;
 - the routes under `/predictions/<model>/<version>/`: `describe`, and the
-  OpenAI-compatible API under `v1/` (`serving.openai_api`);
+  OpenAI-compatible API under `v1/` (`serving.openai`);
 - `describe_handle`: the memory breakdown, the decode step that serves, the pool and the engine's load.
 
 `handle` is this handler's own: every request of a call gets its own answer.
@@ -22,8 +23,8 @@ TorchServe's base handler would answer the whole call with `describe_handle`
 (or an explanation) when the *first request* carries the header
 `describe: True` (or `explain: True`), which any client can send: one answer
 for a batch of several is a 503 for all of them. Here a failure is one
-request's (see `serving.batching`), and if a call fails as a whole each of its
-requests gets its own error (`Batching.fail_all`) rather than TorchServe's
+request's (see `serving.loop`), and if a call fails as a whole each of its
+requests gets its own error (`ServingLoop.fail_all`) rather than TorchServe's
 message-level error, which under continuous batching fails every open job.
 (The base handler's profiler hook, ENABLE_TORCH_PROFILER, is not offered.)
 """
@@ -40,19 +41,21 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handler.engine.fast_path import enable_fast_path
 from handler.engine.precision import own_matmul_precision
-from handler.engine.scheduler import Engine
+from handler.engine.core import Engine
 from handler.memory.ledger import MemoryLedger
 from handler.memory.plan import ModelShape
 from handler.serving.admission import Admission
-from handler.serving.batching import Batching
 from handler.serving.describe_jobs import DescribeJobs
-from handler.serving.orphans import OpenJobs
+from handler.serving.preparation import EngineRequests
 from handler.serving.loading import load_model, worker_device
+from handler.serving.loop import ServingLoop
 from handler.serving.metrics import EngineMetrics, publish_decode_step, publish_memory
-from handler.serving.openai_api import PREFIX as OPENAI_PREFIX, OpenAIApi
-from handler.serving.pool import plan_pool
-from handler.serving.preparation import Preparation
-from handler.serving.routes import Routes
+from handler.serving.native import NativeApi
+from handler.serving.openai.protocol import PREFIX as OPENAI_PREFIX
+from handler.serving.openai.routes import OpenAIApi
+from handler.serving.orphans import OpenJobs
+from handler.serving.pool_sizing import plan_pool
+from handler.serving.routes import ApiStart, Routes
 from handler.serving.settings import HandlerSettings
 from handler.engine.text import detokenizer
 
@@ -110,16 +113,17 @@ class ContrastiveGPT2Handler(BaseHandler):
                                                    pool_bytes=self.engine.pool.nbytes())
         publish_memory(context, self.device, self.memory_report)
         self.metrics = EngineMetrics()
-        preparation = Preparation(settings, self.loaded.tokenizer, model.vocab_size, self.loaded.eos_ids,
-                                  self.admission)
-        openai = OpenAIApi(context.model_name, settings, preparation, self.engine, model.n_positions)
-        self.batching = Batching(self.engine, preparation, Routes(describe=self.describe_handle,
-                                                                  mounts={OPENAI_PREFIX: openai}),
-                                 continuous=settings.continuous_batching,
-                                 iteration_s=settings.iteration_ms / 1000,
-                                 describe_jobs=DescribeJobs(self.describe_handle),
-                                 open_jobs=OpenJobs(context.system_properties["model_dir"])
-                                 if settings.continuous_batching else None)
+        engine_requests = EngineRequests(settings, self.loaded.tokenizer, model.vocab_size, self.loaded.eos_ids,
+                                         self.admission)
+        self.native = NativeApi(settings, engine_requests, self.engine)
+        openai = OpenAIApi(context.model_name, settings, engine_requests, self.engine, model.n_positions)
+        routes = Routes(describe=self.describe_handle, generate=ApiStart(self.native.start),
+                        mounts={OPENAI_PREFIX: openai})
+        self.loop = ServingLoop(self.engine, routes, continuous=settings.continuous_batching,
+                                iteration_s=settings.iteration_ms / 1000,
+                                describe_jobs=DescribeJobs(self.describe_handle),
+                                open_jobs=OpenJobs(context.system_properties["model_dir"])
+                                if settings.continuous_batching else None)
         self.initialized = True
 
     health_probe = None  # how the device is probed after a fault (None: handler.engine.fast_path.device_healthy)
@@ -135,7 +139,7 @@ class ContrastiveGPT2Handler(BaseHandler):
             out = self.postprocess(self.inference(self.preprocess(data)))
         except Exception as err:  # noqa: BLE001 - the last resort: each request gets its own error
             logger.exception("a call of %d requests failed as a whole", len(data))
-            out = self.batching.fail_all(len(data), context, err)
+            out = self.loop.fail_all(len(data), context, err)
         try:
             context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
         except Exception:  # noqa: BLE001 - metrics must never cost a request its answer
@@ -143,15 +147,15 @@ class ContrastiveGPT2Handler(BaseHandler):
         return out
 
     def preprocess(self, data):
-        return self.batching.receive(data, self.context)
+        return self.loop.receive(data, self.context)
 
     def inference(self, jobs):
-        self.batching.run(jobs, self.context)
+        self.loop.run(jobs, self.context)
         self.fast_path.after_fault(self.engine, self.health_probe)  # a dropped fast step: eager, or restart
         return jobs
 
     def postprocess(self, jobs):
-        out = self.batching.respond(jobs, self.context)
+        out = self.loop.respond(jobs, self.context)
         try:
             self.metrics.publish(self.context, self.engine.stats())
         except Exception:  # noqa: BLE001 - metrics must never cost a request its answer
@@ -180,7 +184,7 @@ class ContrastiveGPT2Handler(BaseHandler):
             "load": {"slots_in_use": stats.slots_in_use, "requests_waiting": stats.waiting,
                      "generated_tokens": stats.generated_tokens, "steps": stats.steps,
                      # what the worker still holds for requests: engine records, jobs TorchServe keeps open
-                     "requests_tracked": self.engine.tracked, "jobs_open": len(self.batching.jobs)},
+                     "requests_tracked": self.engine.tracked, "jobs_open": len(self.loop.jobs)},
             "step_ms_at_full_pool": None if self.admission.step_ms is None else round(self.admission.step_ms, 2),
             "max_new_tokens_within_timeout": self.admission.max_new_tokens_in_time or self.settings.limits.max_new_tokens,
             "limits": self.settings.limits.__dict__,

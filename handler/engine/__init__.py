@@ -10,7 +10,9 @@ No TorchServe here (the handler in `handler.gpt2_handler` adapts TorchServe to i
 - `precision`  float32 matmul precision owned by the package (TorchServe's import turns TF32 on)
 - `ranking`    contrastive search's score (Su et al. 2022, "A Contrastive Framework for Neural Text Generation")
 - `sampling`   counter-based random draws: a seed gives the same text whatever shares the pool
-- `scheduler`  the engine: waiting queue, slot assignment, continuous batching, stopping
+- `scheduler`  the scheduler, pure: waiting queue, slot assignment, which requests finish (no model, no tensors)
+- `runner`     the pool, the model and the decode step, carrying out the scheduler's outputs
+- `core`       `Engine`: the scheduler and the runner driven step by step (continuous batching, warm-up)
 - `stopping`   why a generation ends (`FinishReason`), decided in one place
 - `params`     `GenerationParams`: what one request asks for
 - `text`       tokens to text: stop strings, settled increments for streaming
@@ -18,7 +20,8 @@ No TorchServe here (the handler in `handler.gpt2_handler` adapts TorchServe to i
 
 from handler.engine.params import GenerationParams
 from handler.engine.pool import PoolShape
-from handler.engine.scheduler import Engine, Generation, Request, generate
+from handler.engine.core import Engine, generate
+from handler.engine.scheduler import Generation, Request
 from handler.engine.stopping import FinishReason
 
 __all__ = ["Engine", "FinishReason", "Generation", "GenerationParams", "PoolShape", "Request", "generate"]

@@ -55,7 +55,8 @@ import torch
 from handler.engine.compiled import MAX_SHAPES, FastStep, fast_shapes
 from handler.engine.params import GenerationParams
 from handler.engine.pool import SlotPool
-from handler.engine.scheduler import Engine, Request, Shape
+from handler.engine.core import Engine
+from handler.engine.scheduler import Request, Shape
 from handler.engine.step import decode_one_token, prefill_slot
 
 logger = logging.getLogger(__name__)
@@ -262,12 +263,12 @@ def run_agreement(engine: Engine, fast: Callable[[int, int, bool], None], shapes
     try:
         engine.set_step(None, shapes)
         t = time.perf_counter()
-        eager_gens = engine.generate(requests)
+        eager_gens = engine.run_to_completion(requests)
         eager_s = time.perf_counter() - t
         _raise_failed("eager", eager_gens)
         engine.set_step(fast, shapes, path)
         t = time.perf_counter()
-        fast_gens = engine.generate(requests)
+        fast_gens = engine.run_to_completion(requests)
         fast_s = time.perf_counter() - t
         if engine.step_error is not None:
             raise RuntimeError(f"the fast step failed: {engine.step_error}")

@@ -13,7 +13,7 @@ GPT-2 (Radford et al. 2019), with two entry points shaped for decoding:
 
 Shapes are fixed for a given batch (no host synchronisation, positions come in
 as device tensors), so the candidate step can be captured in a CUDA graph.
-`tests/test_gpt2_model.py` checks the logits against transformers'.
+`tests/engine/test_model.py` checks the logits against transformers'.
 """
 
 from __future__ import annotations

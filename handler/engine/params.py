@@ -32,13 +32,26 @@ MAX_TEMPERATURE = 100.0
 MAX_EOS_IDS = 8  # end-of-text ids one request may name (handler.engine.pool.EOS_WIDTH)
 
 
-class InvalidParameter(ValueError):
-    """A parameter out of its range; `field` names it."""
+PARAM = type("Param", (), {"__repr__": lambda self: "PARAM"})()  # in a message's parts: the parameter's own name
 
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
+
+def spell(parts: tuple, name: str) -> str:
+    """A message's parts as text, with `name` for the parameter (`max_new_tokens`, or OpenAI's `max_tokens`)."""
+    return "".join(name if part is PARAM else str(part) for part in parts)
+
+
+class InvalidParameter(ValueError):
+    """A parameter out of its range: `field` names it, as data; the message names it through `PARAM`, so that
+    each API renders the name it knows the parameter by (`spelled`) without rewriting text."""
+
+    def __init__(self, field: str, *parts: Any):
         self.field = field
-        self.message = message
+        self.parts = parts
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        return spell(self.parts, self.field)
 
 
 @dataclass(frozen=True)
@@ -49,16 +62,64 @@ class Range:
     high: float
     low_open: bool = False
 
-    def check(self, name: str, value) -> None:
+    def require(self, name: str, value) -> None:
+        """Raise InvalidParameter naming `name` when `value` is outside this range."""
         if (value <= self.low) if self.low_open else (value < self.low):
-            raise InvalidParameter(name, f"{name} must be {'>' if self.low_open else '>='} {fmt(self.low)}, "
+            raise InvalidParameter(name, PARAM, f" must be {'>' if self.low_open else '>='} {fmt(self.low)}, "
                                    f"got {fmt(value)}")
         if value > self.high:
-            raise InvalidParameter(name, f"{name} must be <= {fmt(self.high)}, got {fmt(value)}")
+            raise InvalidParameter(name, PARAM, f" must be <= {fmt(self.high)}, got {fmt(value)}")
 
     def narrowed(self, high: float) -> "Range":
         """The same range with a lower upper end (an operator's limit)."""
         return Range(self.low, min(self.high, high), self.low_open)
+
+
+def describe(value: Any) -> str:
+    """A value as a message shows it: its repr, cut at 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def type_name(value: Any) -> str:
+    """A value's type as JSON calls it: "an integer", "a string", "null"."""
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def as_integer(name: str, value: Any) -> int:
+    """`value` if it is an integer (not a boolean); else InvalidParameter naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidParameter(name, PARAM, f" must be an integer, got {type_name(value)} ({describe(value)})")
+    return value
+
+
+def as_number(name: str, value: Any) -> float:
+    """`value` as a finite float (JSON's integers of any length included); else InvalidParameter naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidParameter(name, PARAM, f" must be a number, got {type_name(value)} ({describe(value)})")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the largest float (JSON allows any number of digits)
+        raise InvalidParameter(name, PARAM, f" must be a finite number, got {describe(value)}") from None
+    if not math.isfinite(number):
+        raise InvalidParameter(name, PARAM, f" must be a finite number, got {number}")
+    return number
+
+
+def as_boolean(name: str, value: Any) -> bool:
+    """`value` if it is true or false; else InvalidParameter naming `name`."""
+    if not isinstance(value, bool):
+        raise InvalidParameter(name, PARAM, f" must be true or false, got {type_name(value)} ({describe(value)})")
+    return value
+
+
+def as_decoding(name: str, value: Any) -> str:
+    """`value` if it names a decoding mode; else InvalidParameter naming `name`."""
+    if not isinstance(value, str) or value not in DECODING_MODES:
+        raise InvalidParameter(name, PARAM, f" must be one of {', '.join(map(repr, DECODING_MODES))}, "
+                               f"got {describe(value)}")
+    return value
 
 
 def fmt(x: float) -> str:
@@ -101,38 +162,29 @@ class GenerationParams:
     return_token_ids: bool = False  # add the generated token ids to the answer
 
     def __post_init__(self):
-        self.check()
+        self.validate()
 
-    def check(self) -> None:
+    def validate(self) -> None:
         """Raise InvalidParameter for the first field out of its range."""
-        if self.decoding not in DECODING_MODES or not isinstance(self.decoding, str):
-            raise InvalidParameter("decoding", f"decoding must be one of {', '.join(map(repr, DECODING_MODES))}, "
-                                   f"got {self.decoding!r}")
-        _integer("max_new_tokens", self.max_new_tokens)
-        RANGES["max_new_tokens"].check("max_new_tokens", self.max_new_tokens)
+        as_decoding("decoding", self.decoding)
+        RANGES["max_new_tokens"].require("max_new_tokens", as_integer("max_new_tokens", self.max_new_tokens))
         for name in ("do_sample", "ignore_eos", "stream", "return_token_ids"):
-            if not isinstance(getattr(self, name), bool):
-                raise InvalidParameter(name, f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.decoding == "greedy" and self.do_sample:
-            raise InvalidParameter("do_sample", "do_sample must be false with decoding='greedy'; use decoding='sample'")
-        if self.decoding == "sample" and not self.do_sample:
-            raise InvalidParameter("do_sample", "do_sample must be true with decoding='sample'; use decoding='greedy'")
-        RANGES["penalty_alpha"].check("penalty_alpha", _number("penalty_alpha", self.penalty_alpha))
+            as_boolean(name, getattr(self, name))
+        require_mode_agrees(self.decoding, self.do_sample)
+        RANGES["penalty_alpha"].require("penalty_alpha", as_number("penalty_alpha", self.penalty_alpha))
         if self.decoding != "greedy":
-            _integer("top_k", self.top_k)
-            RANGES[f"top_k/{self.decoding}"].check("top_k", self.top_k)
-        RANGES["temperature"].check("temperature", _number("temperature", self.temperature))
-        RANGES["top_p"].check("top_p", _number("top_p", self.top_p))
+            RANGES[f"top_k/{self.decoding}"].require("top_k", as_integer("top_k", self.top_k))
+        RANGES["temperature"].require("temperature", as_number("temperature", self.temperature))
+        RANGES["top_p"].require("top_p", as_number("top_p", self.top_p))
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
-            raise InvalidParameter("stop", f"stop must be a tuple of non-empty strings, got {self.stop!r}")
+            raise InvalidParameter("stop", PARAM, f" must be a tuple of non-empty strings, got {self.stop!r}")
         if self.seed is not None:
-            _integer("seed", self.seed)
-            RANGES["seed"].check("seed", self.seed)
+            RANGES["seed"].require("seed", as_integer("seed", self.seed))
         if self.eos_token_id is not None:
             ids = self.eos_token_id
             if not isinstance(ids, tuple) or not 1 <= len(ids) <= MAX_EOS_IDS \
                     or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-                raise InvalidParameter("eos_token_id", f"eos_token_id must be 1 to {MAX_EOS_IDS} token ids, got {ids!r}")
+                raise InvalidParameter("eos_token_id", PARAM, f" must be 1 to {MAX_EOS_IDS} token ids, got {ids!r}")
 
     def end_ids(self, model_eos: tuple[int, ...]) -> tuple[int, ...]:
         """The token ids that end this request: none with `ignore_eos`, else its own or the model's."""
@@ -151,13 +203,9 @@ class GenerationParams:
         return self.top_k if self.decoding == "contrastive" else 1
 
 
-def _integer(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidParameter(name, f"{name} must be an integer, got {value!r}")
-    return value
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidParameter(name, f"{name} must be a finite number, got {value!r}")
-    return value
+def require_mode_agrees(decoding: str | None, do_sample: bool | None) -> None:
+    """The one rule tying `do_sample` to the decoding mode (None: not given); InvalidParameter naming do_sample."""
+    if decoding == "greedy" and do_sample:
+        raise InvalidParameter("do_sample", PARAM, " must be false with decoding='greedy'; use decoding='sample'")
+    if decoding == "sample" and do_sample is False:
+        raise InvalidParameter("do_sample", PARAM, " must be true with decoding='sample'; use decoding='greedy'")

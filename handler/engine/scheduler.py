@@ -1,41 +1,36 @@
-"""The engine: requests in, tokens out, scheduled per step over the persistent slot pool.
+"""The scheduler: which requests take a slot, which slots step, and which requests finish. No model, no tensors.
 
-Continuous batching (as vLLM and TGI schedule, here with contrastive search):
+In the shape of vLLM's v1 scheduler, with contrastive search's slot pool:
 
-- a request waits in a FIFO queue until a slot is free, then is prefilled into
-  it alone (`handler.engine.step.prefill_slot`);
-- each decode step runs every live slot at once (`decode_one_token`), in the
-  smallest shape bucket that holds the live slots and their largest k;
-- every `sync_every` steps the host looks at the new tokens: stop strings,
-  deadlines, end-of-text and length end requests (`handler.engine.stopping`),
-  a finished request frees its slot at once, and waiting requests take the
-  free slots before the next step. A cancelled request frees its slot at the
-  next look.
+- `submit` queues a request (FIFO); `schedule()` puts waiting requests into free
+  slots, lowest slot first (which keeps the live rows low), in arrival order, and
+  says which slots the device must stop (`released`: requests that ended since);
+- the runner (`handler.engine.runner`) prefills the admitted requests and reports
+  the ones whose prefill failed (`prefilled`); `decode_batch()` is the live slots
+  the next steps run over, with what they need (candidates, the sampler) and the
+  tokens the host already has of each;
+- after the runner's steps, `update(step_output)` takes the new tokens and the
+  device's own reasons (end-of-text, `max_new_tokens`) and decides, in one place,
+  which requests end and why (`handler.engine.stopping`: stop strings and
+  deadlines too; a failed step fails every live request); a request that ends
+  frees its slot at once for the next `schedule()`. `cancel` ends one from
+  outside (the client went away).
 
-A request never waits for another to finish while a slot is free, and its
-tokens do not depend on when it joined, which slot it got, or who else was
-running: each slot's row of every computation is independent of the others
-(`handler.engine.step`). No TorchServe here: the handler drives `iterate`.
+Everything here is plain data and Python, so the scheduler is tested with
+hand-made step outputs and no model (tests/engine/test_scheduler_pure.py).
 """
 
 from __future__ import annotations
 
 import heapq
-import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
-
-import torch
+from typing import Callable, Sequence
 
 from handler.engine.params import GenerationParams
-from handler.engine.pool import CANDIDATE_BUCKETS, PoolShape, SlotPool, candidate_bucket, slot_buckets
-from handler.engine.step import decode_one_token, prefill_slot
 from handler.engine.stopping import FinishReason, StoppingCriteria
 from handler.engine.text import Detokenize, IncrementalText
-
-logger = logging.getLogger(__name__)
 
 Shape = tuple[int, int, bool]  # (slots, candidates, sampling) of one decode step
 
@@ -96,86 +91,74 @@ class EngineStats:
     last_time_to_first_token_ms: float | None
 
 
-class Engine:
-    """Continuous batching over a `SlotPool`; see the module docstring."""
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """What the runner does before the next steps: stop the released slots, then prefill the admitted."""
 
-    def __init__(self, model, shape: PoolShape, *, detokenize: Detokenize | None = None, sync_every: int = 4,
-                 fixed_shapes: bool = False):
-        if shape.max_len > model.n_positions:
-            raise ValueError(f"max_len {shape.max_len} exceeds the model's {model.n_positions} positions")
-        self.model = model
-        self.shape = shape
+    released: tuple[int, ...]  # slots whose requests ended since the last output: the device stops them
+    admitted: tuple[tuple[int, Generation], ...]  # (slot, generation) to prefill, in arrival order
+
+
+@dataclass(frozen=True)
+class DecodeBatch:
+    """The live slots of the next steps and what they need."""
+
+    slots: tuple[int, ...]  # ascending
+    candidates: int  # the largest number of candidates a live request scores per step
+    sampling: bool  # a live request samples (decoding="sample")
+    known: dict[int, int]  # slot -> tokens the host already has of it
+    released: tuple[int, ...] = ()  # slots whose requests ended since the last output: the device stops them
+
+    @property
+    def rows(self) -> int:
+        """Rows a step must cover: up to the highest live slot."""
+        return self.slots[-1] + 1
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What the device did in some steps, as the host sees it (the runner's answer to a DecodeBatch)."""
+
+    new_tokens: dict[int, list[int]]  # slot -> tokens generated since the host last looked
+    device_finished: dict[int, FinishReason]  # slot -> EOS or LENGTH, for slots the device ended
+    now: float  # time.monotonic() when the host looked
+    steps: int = 0  # decode steps run
+    error: BaseException | None = None  # the steps failed: every live request fails with this
+
+
+class Scheduler:
+    """Admission, slots and stopping over a pool of `max_slots` slots of `max_len` positions (module docstring)."""
+
+    def __init__(self, max_slots: int, max_len: int, max_top_k: int, *, detokenize: Detokenize | None = None):
+        self.max_slots, self.max_len, self.max_top_k = max_slots, max_len, max_top_k
         self.detokenize = detokenize
-        self.sync_every = sync_every
-        self.fixed_shapes = fixed_shapes  # every step at the full pool shape (one shape, any device)
-        self.pool = SlotPool.allocate(model, shape)
-        self.buckets = slot_buckets(shape.max_slots)
         self.waiting: deque[Generation] = deque()
         self.running: dict[int, Generation] = {}  # slot -> generation
-        self._free = list(range(shape.max_slots))  # a heap: the lowest free slot first keeps the live rows low
+        self.free = list(range(max_slots))  # a heap: the lowest free slot first keeps the live rows low
+        self._released: list[int] = []
         self._by_id: dict[str, Generation] = {}
         self.generated_tokens = 0
         self.steps = 0
         self.last_ttft_ms: float | None = None
-        # The decode step: the eager `decode_one_token` over every bucket, unless `set_step` installed another
-        # (handler.engine.compiled: compiled, replayed from CUDA graphs) with the shapes it runs.
-        self._step: Callable[[int, int, bool], None] | None = None
-        self._shapes: tuple[Shape, ...] | None = None
-        self.step_path = "eager"
-        self.step_error: str | None = None  # why the installed step was dropped while serving, if it was
 
-    # ---- the decode step ----
+    # ---- requests in and out ----
 
-    def set_step(self, step: Callable[[int, int, bool], None] | None = None,
-                 shapes: Iterable[Shape] | None = None, path: str = "eager") -> None:
-        """Decode through `step(rows, k, sampling)` (None: the eager `decode_one_token`) at `shapes` only.
-
-        `shapes` (None: every bucket) is a covering set: each step runs in the smallest shape of the set with at
-        least the live slots, at least their largest candidate bucket, and the sampler when a slot samples. A
-        slot's tokens do not depend on the shape it runs in (handler.engine.step), so a set of a few shapes serves
-        every mix of requests; it must hold the full pool's shape (max_slots, candidates, sampling on).
-        """
-        if self.busy:
-            raise RuntimeError("set_step needs an idle engine")
-        if shapes is not None:
-            shapes = tuple(sorted(set(shapes)))
-            full = (self.shape.max_slots, self.shape.candidates, True)
-            if not any(_covers(s, full) for s in shapes):
-                raise ValueError(f"shapes {shapes} do not cover the full pool {full}")
-        self._step = step
-        self._shapes = shapes
-        self.step_path = path if step is not None else "eager"
-
-    def _run_step(self, rows: int, k: int, sampling: bool, view=None) -> None:
-        if self._step is None:
-            decode_one_token(self.model, view if view is not None else self.pool.view(rows), k, sampling)
-        else:
-            self._step(rows, k, sampling)
-
-    def _drop_step(self, err: BaseException) -> None:
-        """The installed step failed while serving: back to the eager step for good (and say why)."""
-        logger.error("the %s decode step failed (%r): serving with the eager step from now on", self.step_path, err)
-        self.step_error = f"{self.step_path}: {type(err).__name__}: {err}"
-        self._step, self._shapes, self.step_path = None, None, "eager"
-
-    # ---- requests in ----
-
-    def check(self, request: Request) -> None:
-        """Raise ValueError when the pool cannot hold this request (the serving layer checks first)."""
+    def require_fits(self, request: Request) -> None:
+        """ValueError when the pool cannot hold this request (the serving layer's admission refuses it first)."""
         n, p = len(request.prompt_ids), request.params
         if n < 1:
             raise ValueError("the prompt has no tokens")
-        if n + p.max_new_tokens > self.shape.max_len:
+        if n + p.max_new_tokens > self.max_len:
             raise ValueError(f"prompt ({n}) + max_new_tokens ({p.max_new_tokens}) exceeds the slots' "
-                             f"{self.shape.max_len} positions")
-        if p.num_candidates > self.shape.max_top_k:
-            raise ValueError(f"top_k {p.num_candidates} exceeds the pool's {self.shape.max_top_k}")
+                             f"{self.max_len} positions")
+        if p.num_candidates > self.max_top_k:
+            raise ValueError(f"top_k {p.num_candidates} exceeds the pool's {self.max_top_k}")
         if p.stop and self.detokenize is None:
             raise ValueError("stop strings need an engine with a detokenizer")
 
     def submit(self, request: Request) -> Generation:
-        """Queue a request; it takes a slot at the next admission."""
-        self.check(request)
+        """Queue a request; it takes a slot at the next `schedule()`."""
+        self.require_fits(request)
         if request.request_id in self._by_id:
             raise ValueError(f"request id {request.request_id!r} is already in the engine")
         text = IncrementalText(self.detokenize, request.params.stop)
@@ -207,7 +190,7 @@ class Engine:
 
     @property
     def tracked(self) -> int:
-        """Requests the engine holds a record of: waiting, running, or finished and not yet forgotten."""
+        """Requests held on record: waiting, running, or finished and not yet forgotten."""
         return len(self._by_id)
 
     @property
@@ -215,175 +198,73 @@ class Engine:
         return bool(self.running or self.waiting)
 
     def stats(self) -> EngineStats:
-        return EngineStats(self.shape.max_slots, len(self.running), len(self.waiting), self.generated_tokens,
+        return EngineStats(self.max_slots, len(self.running), len(self.waiting), self.generated_tokens,
                            self.steps, self.last_ttft_ms)
 
-    # ---- the loop ----
+    # ---- scheduling ----
 
-    def iterate(self, until: float | None = None, *, return_on_events: bool = True) -> list[Generation]:
-        """Admit, decode and look, until `until` (time.monotonic) or, with `return_on_events`, until a
-        request finished or got its first tokens; returns the generations that changed (new tokens or done)."""
-        changed: dict[str, Generation] = {}
-        self._admit(changed)
-        while self.running:
-            events = self._decode_and_look(changed)
-            self._admit(changed)
-            if (return_on_events and events) or (until is not None and time.monotonic() >= until):
-                break
-        return list(changed.values())
-
-    def generate(self, requests: Iterable[Request]) -> list[Generation]:
-        """Submit `requests` and run until every one of them is done; in order."""
-        gens = [self.submit(r) for r in requests]
-        while not all(g.done for g in gens):
-            self.iterate(return_on_events=False)
-        for g in gens:
-            self.forget(g.request_id)
-        return gens
-
-    def warm_up(self, prompt_len: int, steps: int = 32) -> float:
-        """Run every step shape once, then time the slowest step; returns its ms (the fastest look's).
-
-        First every (slots, candidates, sampling) bucket runs one step on the idle pool, so that no request
-        pays a shape's first-call cost (kernel selection; compilation or graph capture where enabled). Then
-        every slot takes a prompt of `prompt_len` tokens, one sampling and the others contrastive with the
-        pool's largest k, and `steps` steps run after one untimed look: the full pool, the largest candidate
-        bucket, with the sampler, the slowest step this worker takes. Of the looks (each `sync_every`
-        steps) the fastest counts: what a step takes at full load when nothing else competes for the
-        machine. It sizes the requests refused up front as unable to finish before their deadline, which
-        should refuse only what cannot finish; a stall of the machine must not refuse what could.
-        """
-        if self.busy:
-            raise RuntimeError("warm_up needs an idle engine")
-        with torch.inference_mode():
-            for rows, k, sampling in self.step_shapes():
-                self._run_step(rows, k, sampling)
-        untimed = self.sync_every
-        steps = max(self.sync_every, min(steps, self.shape.max_len - 1 - untimed))
-        prompt_len = max(1, min(prompt_len, self.shape.max_len - steps - untimed))
-        k = self.shape.max_top_k
-        new = steps + untimed
-        contrastive = GenerationParams(max_new_tokens=new, top_k=k, penalty_alpha=0.6) if k >= 2 \
-            else GenerationParams(decoding="greedy", max_new_tokens=new)
-        sampled = GenerationParams(decoding="sample", do_sample=True, max_new_tokens=new)
-        vocab = self.model.vocab_size
-        gens = [self.submit(Request(f"warm-up-{i}", [1 + (i + j) % (vocab - 1) for j in range(prompt_len)],
-                                    sampled if i == 0 else contrastive, seed=i))
-                for i in range(self.shape.max_slots)]
-        self._admit({})
-        self._decode_and_look({})
-        looks = []
-        while self.running:
-            self._sync_device()
-            start = time.perf_counter()
-            self._decode_and_look({})
-            self._sync_device()
-            looks.append(1000 * (time.perf_counter() - start) / self.sync_every)
-        failed = [g for g in gens if g.finish_reason is FinishReason.ERROR]
-        for g in gens:
-            self.forget(g.request_id)
-        if failed:
-            raise RuntimeError(f"warm-up failed: {failed[0].error!r}") from failed[0].error
-        return min(looks)
-
-    def step_shapes(self) -> list[tuple[int, int, bool]]:
-        """Every (slots, candidates, sampling) a decode step of this engine may run with."""
-        if self._shapes is not None:
-            return list(self._shapes)
-        if self.fixed_shapes:
-            return [(self.shape.max_slots, self.shape.candidates, True)]
-        ks = [k for k in CANDIDATE_BUCKETS if k <= self.shape.candidates]
-        return [(rows, k, sampling) for rows in self.buckets for k in ks for sampling in (False, True)]
-
-    def _sync_device(self) -> None:
-        if self.pool.kv.device.type == "cuda":
-            torch.cuda.synchronize(self.pool.kv.device)
-
-    # ---- inside ----
-
-    def _admit(self, changed: dict[str, Generation]) -> None:
-        """Waiting requests into free slots, in arrival order, each prefilled alone."""
-        while self.waiting and self._free:
+    def schedule(self) -> SchedulerOutput:
+        """Waiting requests into free slots, in arrival order; and the slots released since the last output
+        (a slot may be released and admitted again in one output: the runner stops it before the prefill)."""
+        released = self.take_released()
+        admitted = []
+        while self.waiting and self.free:
             gen = self.waiting.popleft()
-            slot = heapq.heappop(self._free)
-            req = gen.request
-            try:
-                if req.on_admit is not None:
-                    req.on_admit()
-                with torch.inference_mode():
-                    prefill_slot(self.model, self.pool, slot, list(req.prompt_ids), req.params, req.eos_ids, req.seed)
-            except Exception as err:  # noqa: BLE001 - this request fails alone; the slot stays free
-                self.pool.state.finished[slot] = True
-                heapq.heappush(self._free, slot)
-                gen.error = err
-                self._finish(gen, FinishReason.ERROR)
-                changed[gen.request_id] = gen
-                continue
+            slot = heapq.heappop(self.free)
             gen.slot = slot
-            gen.admitted_at = time.monotonic()
             self.running[slot] = gen
+            admitted.append((slot, gen))
+        return SchedulerOutput(released, tuple(admitted))
 
-    def _shape(self) -> tuple[int, int, bool]:
-        """(slots, candidates, sampling) of the next steps: the smallest shape that holds the live slots."""
-        if self.fixed_shapes:
-            need = (self.shape.max_slots, self.shape.candidates, True)
-        else:
-            top = max(self.running) + 1
-            rows = next(b for b in self.buckets if b >= top)
-            params = [g.request.params for g in self.running.values()]
-            k = candidate_bucket(max(p.num_candidates for p in params))
-            need = (rows, k, any(p.decoding == "sample" for p in params))
-        if self._shapes is None:
-            return need
-        return min(s for s in self._shapes if _covers(s, need))
+    def prefilled(self, output: SchedulerOutput, failed: dict[int, BaseException],
+                  now: float | None = None) -> list[Generation]:
+        """The runner prefilled `output`'s admitted requests; those of `failed` (slot -> error) fail alone and
+        their slots are free again (the runner stopped them). Returns the generations that failed."""
+        now = time.monotonic() if now is None else now
+        out = []
+        for slot, gen in output.admitted:
+            if slot in failed:
+                del self.running[slot]
+                heapq.heappush(self.free, slot)
+                gen.slot, gen.error = None, failed[slot]
+                self._finish(gen, FinishReason.ERROR)
+                out.append(gen)
+            else:
+                gen.admitted_at = now
+        return out
 
-    def _decode_and_look(self, changed: dict[str, Generation]) -> bool:
-        """`sync_every` steps, then one look at the tokens; True when a request finished or got its first tokens."""
-        rows, k, sampling = self._shape()
-        view = self.pool.view(rows) if self._step is None else None
-        try:
-            with torch.inference_mode():
-                for _ in range(self.sync_every):
-                    self._run_step(rows, k, sampling, view)
-                self.steps += self.sync_every
-                return self._look(rows, changed)
-        except Exception as err:  # noqa: BLE001 - the step is shared: every live request fails with it
-            logger.exception("decode step failed with %d live requests", len(self.running))
-            if self._step is not None:
-                self._drop_step(err)
+    def decode_batch(self) -> DecodeBatch | None:
+        """The live slots of the next steps (None: nothing runs)."""
+        if not self.running:
+            return None
+        params = [g.request.params for g in self.running.values()]
+        return DecodeBatch(tuple(sorted(self.running)), max(p.num_candidates for p in params),
+                           any(p.decoding == "sample" for p in params),
+                           {slot: len(g.tokens) for slot, g in self.running.items()}, self.take_released())
+
+    def update(self, step: StepOutput) -> tuple[list[Generation], bool]:
+        """Take the device's new tokens and decide which requests end. Returns (the generations that changed:
+        new tokens or done; whether an event happened: a request finished or got its first tokens)."""
+        self.steps += step.steps
+        if step.error is not None:  # the step is shared: every live request fails with it
             gens = list(self.running.values())
             for gen in gens:
-                gen.error = err
-                changed[gen.request_id] = gen
+                gen.error = step.error
             self._retire(gens, FinishReason.ERROR)
-            return True
-
-    def _look(self, rows: int, changed: dict[str, Generation]) -> bool:
-        """Bring the new tokens to the host, apply the stopping criteria, retire what finished."""
-        st = self.pool.state
-        generated = st.generated[:rows].tolist()
-        finished = st.finished[:rows].tolist()
-        hit_eos = st.hit_eos[:rows].tolist()
-        have = {slot: len(g.tokens) for slot, g in self.running.items()}
-        lo = min(have.values())
-        hi = max(generated[slot] for slot in self.running)
-        block = self.pool.tokens[:rows, lo:hi].tolist()
-        now = time.monotonic()
+            return gens, True
+        changed: dict[str, Generation] = {}
         ended: dict[FinishReason, list[Generation]] = {}
         events = False
         for slot, gen in list(self.running.items()):
-            new = block[slot][have[slot] - lo: generated[slot] - lo]
+            new = step.new_tokens.get(slot, [])
             if new:
                 changed[gen.request_id] = gen
                 self.generated_tokens += len(new)
                 if gen.first_token_at is None:
-                    gen.first_token_at = now
-                    self.last_ttft_ms = 1000 * (now - gen.submitted_at)
+                    gen.first_token_at = step.now
+                    self.last_ttft_ms = 1000 * (step.now - gen.submitted_at)
                     events = True
-            device_reason = None
-            if finished[slot]:
-                device_reason = FinishReason.EOS if hit_eos[slot] else FinishReason.LENGTH
-            reason, keep = gen.stopping.check(new, device_reason, now)
+            reason, _keep = gen.stopping.reason_to_stop(new, step.device_finished.get(slot), step.now)
             if reason is None and new and gen.request.on_tokens is not None:
                 try:
                     gen.request.on_tokens(len(gen.tokens))
@@ -395,36 +276,23 @@ class Engine:
         for reason, gens in ended.items():
             self._retire(gens, reason)
             events = True
-        return events
+        return list(changed.values()), events
+
+    # ---- inside ----
+
+    def take_released(self) -> tuple[int, ...]:
+        """The slots released since the last output (each is handed out once)."""
+        released, self._released = tuple(self._released), []
+        return released
 
     def _retire(self, gens: list[Generation], reason: FinishReason) -> None:
-        """End these running generations and free their slots (the device stops changing them)."""
-        slots = [g.slot for g in gens]
-        if slots:
-            self.pool.state.finished[torch.tensor(slots, device=self.pool.state.finished.device)] = True
+        """End these running generations and free their slots (released: the device stops changing them)."""
         for gen in gens:
             del self.running[gen.slot]
-            heapq.heappush(self._free, gen.slot)
+            heapq.heappush(self.free, gen.slot)
+            self._released.append(gen.slot)
             self._finish(gen, reason)
 
     def _finish(self, gen: Generation, reason: FinishReason) -> None:
         gen.finish_reason = reason
         gen.finished_at = time.monotonic()
-
-
-def _covers(shape: Shape, need: Shape) -> bool:
-    """Whether a step of `shape` serves what `need` asks for: as many slots and candidates or more, the sampler."""
-    return shape[0] >= need[0] and shape[1] >= need[1] and (shape[2] or not need[2])
-
-
-def generate(model, requests: Sequence[Request], *, detokenize: Detokenize | None = None, sync_every: int = 4,
-             max_slots: int | None = None) -> list[Generation]:
-    """Run `requests` to completion on a pool sized for them (tests, benchmarks, warm-up): in order."""
-    if not requests:
-        return []
-    shape = PoolShape(
-        max_slots=max_slots or len(requests),
-        max_len=max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests),
-        max_top_k=max(r.params.num_candidates for r in requests),
-    )
-    return Engine(model, shape, detokenize=detokenize, sync_every=sync_every).generate(requests)

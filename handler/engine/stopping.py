@@ -2,7 +2,7 @@
 
 The device decides what it can see without the host: an end-of-text token and
 `max_new_tokens` (`handler.engine.step.commit`). The host decides the rest each
-time it looks at the tokens (`StoppingCriteria.check`): a stop string in the
+time it looks at the tokens (`StoppingCriteria.reason_to_stop`): a stop string in the
 text, the request's deadline. The scheduler adds the outcomes that come from
 outside the request: cancelled (the client went away) and error.
 """
@@ -37,7 +37,7 @@ class StoppingCriteria:
     text: IncrementalText
     deadline: float | None = None  # time.monotonic() after which the request ends as TIMEOUT
 
-    def check(self, new_tokens: list[int], device_reason: FinishReason | None,
+    def reason_to_stop(self, new_tokens: list[int], device_reason: FinishReason | None,
               now: float | None = None) -> tuple[FinishReason | None, int | None]:
         """Add the tokens the device produced since the last look.
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from handler.engine.params import GenerationParams
+from handler.engine.params import PARAM, GenerationParams
 from handler.engine.pool import PoolShape
 from handler.memory.plan import MIB
 from handler.serving.errors import RequestError
-from handler.serving.fields import RequestLimits
+from handler.serving.limits import RequestLimits
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Admission:
         self.max_new_tokens_in_time = max(1, min(self.limits.max_new_tokens,
                                                  int(self.request_budget_s * 1000 / step_ms)))
 
-    def check(self, prompt_tokens: int, params: GenerationParams) -> None:
+    def admit(self, prompt_tokens: int, params: GenerationParams) -> None:
         """Raise RequestError (400 or 507) when this request cannot be served here."""
         limits, n_pos, new = self.limits, self.n_positions, params.max_new_tokens
         if prompt_tokens > limits.max_prompt_tokens:
@@ -49,8 +49,8 @@ class Admission:
         if prompt_tokens + new > n_pos:
             raise RequestError(
                 "max_new_tokens",
-                f"prompt ({prompt_tokens} tokens) + max_new_tokens ({new}) exceeds the model's {n_pos} positions; "
-                f"ask for at most {max(0, n_pos - prompt_tokens)} new tokens",
+                (f"prompt ({prompt_tokens} tokens) + ", PARAM, f" ({new}) exceeds the model's {n_pos} positions; "
+                 f"ask for at most {max(0, n_pos - prompt_tokens)} new tokens"),
             )
         if prompt_tokens + new > self.pool.max_len:
             need = (prompt_tokens + new) * self.position_bytes
@@ -65,9 +65,9 @@ class Admission:
         if self.max_new_tokens_in_time is not None and new > self.max_new_tokens_in_time:
             raise RequestError(
                 "max_new_tokens",
-                f"max_new_tokens={new} cannot finish within the response timeout "
-                f"({self.request_budget_s:.0f} s at about {self.step_ms:.1f} ms per step); "
-                f"ask for at most {self.max_new_tokens_in_time}",
+                (PARAM, f"={new} cannot finish within the response timeout "
+                 f"({self.request_budget_s:.0f} s at about {self.step_ms:.1f} ms per step); "
+                 f"ask for at most {self.max_new_tokens_in_time}"),
             )
 
     def deadline(self, now: float | None = None) -> float:

@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Mapping
 
-from handler.serving.request import header
+from handler.serving.body import header
 
 logger = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ class Drain:
     def from_env(cls) -> "Drain":
         return cls(os.environ.get(DRAIN_FILE_ENV) or None)
 
-    def _look(self, now: float) -> None:
+    def _read_file(self, now: float) -> None:
         if self.path is None or self.deadline is not None or now - self.checked_at < CHECK_EVERY_S:
             return
         self.checked_at = now
@@ -59,7 +59,7 @@ class Drain:
 
     def draining(self, now: float | None = None) -> bool:
         """New generation requests are refused."""
-        self._look(time.monotonic() if now is None else now)
+        self._read_file(time.monotonic() if now is None else now)
         return self.deadline is not None
 
     def past_deadline(self) -> bool:

@@ -2,12 +2,18 @@
 
 A `RequestError` always names the request field at fault (or `"body"` for the
 body as a whole), so that a client can fix its request without reading logs.
+The name is data: a message refers to its own field through `PARAM`
+(`handler.engine.params`), and each API renders it in the name it knows the
+field by (`spelled`: the OpenAI API says `max_tokens` where the native one says
+`max_new_tokens`); no message is rewritten after it was made.
 """
 
 from __future__ import annotations
 
 import json
 from http import HTTPStatus
+
+from handler.engine.params import InvalidParameter, spell
 
 
 class RequestError(ValueError):
@@ -18,11 +24,30 @@ class RequestError(ValueError):
     memory this worker has, 500 where generation failed for another reason.
     """
 
-    def __init__(self, field: str, message: str, status: int = 400):
-        super().__init__(message)
+    def __init__(self, field: str, message: str | tuple, status: int = 400):
+        """`message`: text, or parts where `PARAM` stands for the field's name (handler.engine.params.spell)."""
+        self.parts = message if isinstance(message, tuple) else (message,)
+        self.name = field
         self.field = field_label(field)
-        self.message = message
         self.status = status
+        super().__init__(self.message)
+
+    @classmethod
+    def invalid(cls, err: InvalidParameter) -> "RequestError":
+        """A parameter out of its range, as a 400 naming it."""
+        return cls(err.field, err.parts)
+
+    @property
+    def message(self) -> str:
+        return self.spelled(self.name)
+
+    def spelled(self, name: str) -> str:
+        """The message with the field called `name` (what another API calls it)."""
+        return spell(self.parts, name)
+
+    def with_prefix(self, prefix: str) -> "RequestError":
+        """The same error, its message after `prefix` (e.g. which prompt of several it is about)."""
+        return RequestError(self.name, (prefix, *self.parts), self.status)
 
     @property
     def reason(self) -> str:
@@ -35,6 +60,12 @@ class RequestError(ValueError):
             "field": self.field,
             "message": self.message,
         })
+
+
+def fault_while_reading(err: BaseException) -> RequestError:
+    """The error a client gets when reading its request failed inside this worker (any API; see the log)."""
+    return RequestError("body", f"internal error while reading this request ({type(err).__name__}); see the "
+                        "worker log", status=500)
 
 
 def field_label(name: str) -> str:

@@ -19,101 +19,42 @@ here the limits of this worker narrow them.
 from __future__ import annotations
 
 import difflib
-import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
-from handler.engine.params import DECODING_MODES, MAX_EOS_IDS, RANGES, GenerationParams, InvalidParameter, Range
+from handler.engine.params import (DECODING_MODES, MAX_EOS_IDS, PARAM, RANGES, GenerationParams, InvalidParameter,
+                                   Range, as_boolean, as_decoding, as_integer, as_number, describe, require_mode_agrees,
+                                   type_name)
 from handler.serving.errors import RequestError
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """Bounds an operator sets in model-config.yaml (`handler.limits`); requests beyond them get 400."""
-
-    max_prompt_tokens: int = 512  # longest prompt, in tokens
-    max_new_tokens: int = 256  # largest `max_new_tokens` a request may ask for
-    max_top_k: int = 16  # most contrastive candidates per step (the pool holds scratch positions for them)
-    max_stop_strings: int = 4  # most entries in `stop`
-    max_stop_length: int = 64  # longest stop string, in characters
-    max_body_bytes: int = 65536  # largest request body the handler accepts
-    max_choices: int = 32  # most generations one OpenAI-compatible request may ask for (prompts x n)
-
-    @classmethod
-    def from_config(cls, raw: Mapping[str, Any] | None) -> "RequestLimits":
-        raw = dict(raw or {})
-        check_config_keys("handler.limits", raw, {f.name for f in fields(cls)})
-        for name, value in raw.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"handler.limits.{name} must be a positive integer, got {value!r}")
-        return cls(**raw)
-
-
-def check_config_keys(section: str, raw: Mapping[str, Any], known) -> None:
-    """ValueError naming the keys of model-config.yaml's `section` (e.g. handler.limits) that it does not know."""
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise ValueError(f"unknown {section} keys {unknown}; known: {sorted(known)}")
+from handler.serving.limits import RequestLimits, refuse_unknown_keys
 
 
 # ---- JSON readers: each returns the value in the engine's type or raises InvalidParameter naming the field ----
 
 
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+def _plain(read: Callable[[str, Any], Any]) -> Callable[[str, Any, RequestLimits], Any]:
+    """A reader of `handler.engine.params` (one home for the type rules), in the table's signature."""
+    return lambda name, value, limits: read(name, value)
 
 
-def type_name(value: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def read_integer(name: str, value: Any, limits: RequestLimits) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidParameter(name, f"{name} must be an integer, got {type_name(value)} ({_describe(value)})")
-    return value
-
-
-def read_number(name: str, value: Any, limits: RequestLimits) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidParameter(name, f"{name} must be a number, got {type_name(value)} ({_describe(value)})")
-    try:
-        number = float(value)
-    except OverflowError:  # an integer beyond the largest float (JSON allows any number of digits)
-        raise InvalidParameter(name, f"{name} must be a finite number, got {_describe(value)}") from None
-    if not math.isfinite(number):
-        raise InvalidParameter(name, f"{name} must be a finite number, got {number}")
-    return number
-
-
-def read_boolean(name: str, value: Any, limits: RequestLimits) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidParameter(name, f"{name} must be true or false, got {type_name(value)} ({_describe(value)})")
-    return value
-
-
-def read_decoding(name: str, value: Any, limits: RequestLimits) -> str:
-    if not isinstance(value, str) or value not in DECODING_MODES:
-        raise InvalidParameter(name, f"{name} must be one of {', '.join(map(repr, DECODING_MODES))}, "
-                               f"got {_describe(value)}")
-    return value
+read_integer, read_number, read_boolean, read_decoding = map(_plain, (as_integer, as_number, as_boolean,
+                                                                      as_decoding))
 
 
 def read_stop(name: str, value: Any, limits: RequestLimits) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
-        raise InvalidParameter(name, f"stop must be a string or a list of strings, got {type_name(value)}")
+        raise InvalidParameter(name, PARAM, f" must be a string or a list of strings, got {type_name(value)}")
     if len(value) > limits.max_stop_strings:
-        raise InvalidParameter(name, f"stop must have at most {limits.max_stop_strings} strings, got {len(value)}")
+        raise InvalidParameter(name, PARAM, f" must have at most {limits.max_stop_strings} strings, got {len(value)}")
     for item in value:
         if not isinstance(item, str):
-            raise InvalidParameter(name, f"stop must contain only strings, got {type_name(item)} ({_describe(item)})")
+            raise InvalidParameter(name, PARAM, f" must contain only strings, got {type_name(item)} ({describe(item)})")
         if not item:
-            raise InvalidParameter(name, "stop strings must not be empty")
+            raise InvalidParameter(name, PARAM, " strings must not be empty")
         if len(item) > limits.max_stop_length:
-            raise InvalidParameter(name, f"stop strings must be at most {limits.max_stop_length} characters, "
+            raise InvalidParameter(name, PARAM, f" strings must be at most {limits.max_stop_length} characters, "
                                    f"got {len(item)}")
     return tuple(value)
 
@@ -121,11 +62,11 @@ def read_stop(name: str, value: Any, limits: RequestLimits) -> tuple[str, ...]:
 def read_token_ids(name: str, value: Any, limits: RequestLimits) -> tuple[int, ...]:
     items = value if isinstance(value, list) else [value]
     if not items or len(items) > MAX_EOS_IDS:
-        raise InvalidParameter(name, f"{name} must be an integer or a list of 1 to {MAX_EOS_IDS} integers, "
-                               f"got {_describe(value)}")
+        raise InvalidParameter(name, PARAM, f" must be an integer or a list of 1 to {MAX_EOS_IDS} integers, "
+                               f"got {describe(value)}")
     for item in items:
         if isinstance(item, bool) or not isinstance(item, int):
-            raise InvalidParameter(name, f"{name} must be an integer or a list of integers, got {_describe(value)}")
+            raise InvalidParameter(name, PARAM, f" must be an integer or a list of integers, got {describe(value)}")
     return tuple(items)
 
 
@@ -188,10 +129,22 @@ BY_NAME = {f.name: f for f in FIELDS}
 PROMPT = "prompt"
 
 
+def require_prompt_text(where: str, prompt: str) -> None:
+    """The prompt rule of every API: some text that is not whitespace (`where`: how the error names it)."""
+    if not prompt.strip():
+        raise RequestError("prompt", f"{where} must not be empty or only whitespace")
+
+
+def unknown_field(name: str, known, hint: str | None = None) -> str:
+    """The message for a field no API knows: with the closest known name as a hint (or `hint`, when given)."""
+    hint = hint or next(iter(difflib.get_close_matches(name, sorted(known), n=1)), "")
+    return f"unknown field {name!r}" + (f"; did you mean {hint!r}?" if hint else "")
+
+
 def _applies(field: Field, mode: str, name: str) -> None:
     if mode not in field.modes:
         allowed = " or ".join(repr(m) for m in field.modes)
-        raise InvalidParameter(name, f"{name} applies only to decoding={allowed}, not {mode!r}")
+        raise InvalidParameter(name, PARAM, f" applies only to decoding={allowed}, not {mode!r}")
 
 
 def _resolve(given: Mapping[str, Any], defaults: GenerationParams, limits: RequestLimits, vocab_size: int,
@@ -203,10 +156,7 @@ def _resolve(given: Mapping[str, Any], defaults: GenerationParams, limits: Reque
         for name in values:
             _applies(BY_NAME[name], mode, name)
     do_sample = values.get("do_sample")
-    if mode == "greedy" and do_sample:
-        raise InvalidParameter("do_sample", "do_sample must be false with decoding='greedy'; use decoding='sample'")
-    if mode == "sample" and do_sample is False:
-        raise InvalidParameter("do_sample", "do_sample must be true with decoding='sample'; use decoding='greedy'")
+    require_mode_agrees(mode, do_sample)
     if mode != "contrastive":
         values["do_sample"] = mode == "sample"
     elif do_sample is None:
@@ -217,11 +167,11 @@ def _resolve(given: Mapping[str, Any], defaults: GenerationParams, limits: Reque
     if not operator:
         for name in values:
             if BY_NAME[name].sampling_only and not samples:
-                raise InvalidParameter(name, f"{name} applies only when sampling (decoding='sample', or do_sample=true)")
+                raise InvalidParameter(name, PARAM, " applies only when sampling (decoding='sample', or do_sample=true)")
     for name, value in values.items():  # this worker's limits narrow the ranges
         rng = BY_NAME[name].range(mode, limits, vocab_size)
         if rng is not None and BY_NAME[name].bound is not None:
-            rng.check(name, value)
+            rng.require(name, value)
     return replace(defaults, **values)
 
 
@@ -231,24 +181,22 @@ def params_from_request(request: Mapping[str, Any], *, defaults: GenerationParam
     the first field at fault."""
     for name in request:
         if name not in BY_NAME:
-            hint = difflib.get_close_matches(name, sorted(set(BY_NAME) | {PROMPT}), n=1)
-            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise RequestError(name, f"unknown field {name!r}{suggestion}")
+            raise RequestError(name, unknown_field(name, set(BY_NAME) | {PROMPT}))
     try:
         params = _resolve(request, defaults, limits, vocab_size, operator=False)
         if params.eos_token_id is not None:
             for token in params.eos_token_id:
                 if not 0 <= token < vocab_size:
-                    raise InvalidParameter("eos_token_id", f"eos_token_id must be in [0, {vocab_size}), got {token}")
+                    raise InvalidParameter("eos_token_id", PARAM, f" must be in [0, {vocab_size}), got {token}")
         return params
     except InvalidParameter as err:
-        raise RequestError(err.field, err.message) from None
+        raise RequestError.invalid(err) from None
 
 
 def defaults_from_config(raw: Mapping[str, Any] | None, limits: RequestLimits) -> GenerationParams:
     """The operator's defaults (`handler.defaults`), each checked; ValueError naming the key."""
     raw = dict(raw or {})
-    check_config_keys("handler.defaults", raw, {f.name for f in FIELDS if f.configurable})
+    refuse_unknown_keys("handler.defaults", raw, {f.name for f in FIELDS if f.configurable})
     try:
         return _resolve(raw, GenerationParams(), limits, vocab_size=2**31, operator=True)
     except InvalidParameter as err:

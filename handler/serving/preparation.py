@@ -1,16 +1,12 @@
-"""From one TorchServe request entry to an engine request, or to the error its client gets.
+"""From a prompt and its checked parameters to the engine's request: tokenized, admitted, seeded, timed.
 
-This is the boundary where a request is prepared: reading the body
-(`handler.serving.request`), its parameters (`handler.serving.fields`),
-the tokenizer, and admission (`handler.serving.admission`). Whatever the
-request contains, it comes out as a `Prepared` or a `RequestError` of its own:
-nothing raised here reaches TorchServe (which would fail the whole batch), so
-a request never takes its neighbours down.
+Every API ends its reading here (`handler.serving.native`, `handler.serving.openai.call`):
+the tokenizer, admission (`handler.serving.admission`: positions, pool, time), the
+seed drawn when the request gave none, the deadline, and the test-only fault hook.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 import threading
@@ -19,66 +15,35 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from handler.engine.params import GenerationParams
+from handler.engine.params import SEED_LIMIT, GenerationParams
 from handler.engine.scheduler import Request
 from handler.serving.admission import Admission
+from handler.serving.body import header
 from handler.serving.errors import RequestError
-from handler.serving.fields import params_from_request
-from handler.serving.request import header, read_request
 from handler.serving.settings import HandlerSettings
-
-logger = logging.getLogger(__name__)
 
 FAULT_HEADER = "X-Fault-Injection"
 EXIT_AFTER_S = 0.3
 
 
 @dataclass
-class Prepared:
-    """A request ready for the engine, with what its answer needs."""
+class EngineRequests:
+    """Makes the engine's requests for one worker: its settings, tokenizer, model limits and admission."""
 
-    prompt: str
-    request: Request
+    settings: HandlerSettings
+    tokenizer: Any
+    vocab_size: int
+    eos_ids: tuple[int, ...]
+    admission: Admission
 
-
-class Preparation:
-    """Prepares requests for one worker: its settings, tokenizer, model limits and admission."""
-
-    def __init__(self, settings: HandlerSettings, tokenizer, vocab_size: int, eos_ids: tuple[int, ...],
-                 admission: Admission):
-        self.settings = settings
-        self.tokenizer = tokenizer
-        self.vocab_size = vocab_size
-        self.eos_ids = eos_ids
-        self.admission = admission
-
-    def prepare(self, request_id: str, entry: Any, headers: Mapping[str, Any] | None) -> Prepared | RequestError:
-        """One entry of TorchServe's batch (and its headers) -> a Prepared, or the RequestError to answer."""
-        try:
-            return self._prepare(request_id, entry, headers if isinstance(headers, Mapping) else {})
-        except RequestError as err:
-            return err
-        except Exception as err:  # noqa: BLE001 - an internal fault fails this request alone, never the batch
-            logger.exception("preparing request %s failed", request_id)
-            return RequestError("body", f"internal error while reading this request ({type(err).__name__}); "
-                                "see the worker log", status=500)
-
-    def _prepare(self, request_id: str, entry: Any, headers: Mapping[str, Any]) -> Prepared:
-        settings = self.settings
-        raw = read_request(entry if isinstance(entry, Mapping) else {}, headers, settings.limits.max_body_bytes)
-        params = params_from_request(raw.fields, defaults=settings.defaults, limits=settings.limits,
-                                               vocab_size=self.vocab_size)
-        return Prepared(raw.prompt, self.engine_request(request_id, raw.prompt, params, headers))
-
-    def engine_request(self, request_id: str, prompt: str, params: GenerationParams,
-                       headers: Mapping[str, Any]) -> Request:
+    def make(self, request_id: str, prompt: str, params: GenerationParams, headers: Mapping[str, Any]) -> Request:
         """A prompt and its checked parameters -> the engine's request, tokenized and admitted (RequestError
-        when this worker cannot serve it). Also used by another API's requests (handler.serving.openai)."""
+        when this worker cannot serve it)."""
         prompt_ids = self.tokenizer.encode(prompt)
         if not prompt_ids:
             raise RequestError("prompt", "the prompt has no tokens")
-        self.admission.check(len(prompt_ids), params)
-        seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
+        self.admission.admit(len(prompt_ids), params)
+        seed = params.seed if params.seed is not None else secrets.randbelow(SEED_LIMIT)
         return Request(request_id, prompt_ids, params, params.end_ids(self.eos_ids), seed,
                        deadline=self.admission.deadline(),
                        on_admit=self._fault(headers), on_tokens=self._late_fault(headers))

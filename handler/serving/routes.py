@@ -2,8 +2,9 @@
 
 TorchServe 0.12 puts what follows the version in the request header `url_path`
 (empty for `/predictions/<model>` and `/predictions/<model>/<version>`). The
-empty suffix is generation (the native API); every other suffix is answered
-here, at once, without the engine:
+empty suffix is generation through the native API (`handler.serving.native`),
+handed over (`ApiStart`); every other suffix is answered here, at once, or by
+the API mounted at its prefix:
 
 - `describe`: the worker's report (memory breakdown, pool, load, limits), the
   same JSON as `describe_handle`, as an ordinary request. TorchServe's own
@@ -11,9 +12,9 @@ here, at once, without the engine:
   batching (handler.serving.describe_jobs; gpt2ops/frontend_patch.py); this
   route works on any frontend.
 - a mounted API's prefix (`v1/`: the OpenAI-compatible API of
-  `handler.serving.openai`): the rest of the suffix goes to that API, which
-  answers it at once (`Immediate`, its errors in its own shape) or hands the
-  request over for generation (`Handoff`).
+  `handler.serving.openai.routes`): the rest of the suffix goes to that API, which
+  answers it at once (`ReadyAnswer`, its errors in its own shape) or hands the
+  request over for generation (`ApiStart`).
 - anything else: 404 naming the known suffixes.
 
 TorchServe does not pass the HTTP method to the handler (every method but
@@ -33,7 +34,7 @@ DESCRIBE = "describe"
 
 
 @dataclass(frozen=True)
-class Immediate:
+class ReadyAnswer:
     """An answer that needs no generation."""
 
     body: str
@@ -42,12 +43,12 @@ class Immediate:
 
 
 @dataclass(frozen=True)
-class Handoff:
-    """A request that a mounted API prepares and answers itself, generating through the engine.
+class ApiStart:
+    """A request that an API prepares and answers itself, generating through the engine.
 
-    `start(request_id, entry, headers)` reads the request and submits its generations: it returns the
-    `Immediate` to answer when the request cannot be served (its error in the API's shape), or the running
-    call (see `handler.serving.batching.Job.api` for what batching asks of it).
+    `start(request_id, entry, headers)` reads the request and submits its generations: it returns what to
+    answer at once when the request cannot be served (an `ReadyAnswer` in the API's error shape, or a
+    `RequestError`), or the running call (`handler.serving.call.Call`).
     """
 
     start: Callable[[str, Any, Mapping[str, Any]], Any]
@@ -58,19 +59,20 @@ class Mount(Protocol):
 
     paths: tuple[str, ...]  # its routes, for the 404 message
 
-    def answer(self, path: str) -> Immediate | Handoff: ...
+    def answer(self, path: str) -> ReadyAnswer | ApiStart: ...
 
 
 class Routes:
-    def __init__(self, describe: Callable[[], str], mounts: Mapping[str, Mount] | None = None):
+    def __init__(self, describe: Callable[[], str], generate: ApiStart, mounts: Mapping[str, Mount] | None = None):
         self._routes: dict[str, Callable[[], str]] = {DESCRIBE: describe}
+        self._generate = generate  # the empty suffix: the native API
         self._mounts = dict(mounts or {})
 
-    def answer(self, url_path: str) -> Immediate | Handoff | RequestError | None:
-        """The answer for this suffix, or None when the request is a generation (the empty suffix)."""
+    def answer(self, url_path: str) -> ReadyAnswer | ApiStart | RequestError:
+        """The answer for this suffix, or the ApiStart of a generation to its API."""
         suffix = (url_path or "").strip("/")
         if not suffix:
-            return None
+            return self._generate
         prefix, _, rest = suffix.partition("/")
         if prefix in self._mounts:
             return self._mounts[prefix].answer(rest)
@@ -81,4 +83,4 @@ class Routes:
                                                                      for path in mount.paths])
             return RequestError("url_path", f"no route {suffix!r} under /predictions/<model>/<version>/; known: "
                                 f"'' (generation), {known}", status=404)
-        return Immediate(route())
+        return ReadyAnswer(route())

@@ -21,7 +21,8 @@ from typing import Any, Mapping
 import torch
 
 from handler.engine.params import GenerationParams
-from handler.serving.fields import RequestLimits, check_config_keys, defaults_from_config
+from handler.serving.fields import defaults_from_config
+from handler.serving.limits import RequestLimits, refuse_unknown_keys
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_RESPONSE_TIMEOUT_S = 120  # TorchServe's default_response_timeout
@@ -66,12 +67,12 @@ class PoolSettings:
     @classmethod
     def from_config(cls, raw: Mapping[str, Any] | None) -> "PoolSettings":
         raw = _words("handler.pool", dict(raw or {}))
-        check_config_keys("handler.pool", raw, {f.name for f in fields(cls)})
+        refuse_unknown_keys("handler.pool", raw, {f.name for f in fields(cls)})
         settings = cls(**raw)
-        settings.check()
+        settings.validate()
         return settings
 
-    def check(self) -> None:
+    def validate(self) -> None:
         if self.max_slots is not None and not _positive_int(self.max_slots):
             raise ValueError(f"handler.pool.max_slots must be a positive integer, got {self.max_slots!r}")
         if self.max_len != "auto" and not _positive_int(self.max_len):
@@ -111,7 +112,7 @@ class HandlerSettings:
         defaults = defaults_from_config(_words("handler.defaults", dict(raw.pop("defaults", None) or {})), limits)
         pool = PoolSettings.from_config(raw.pop("pool", None))
         # the sections were popped above; the frontend's keys are read from the top level, not from handler:
-        check_config_keys("handler", raw, {f.name for f in fields(cls)} - {"max_batch_size", "response_timeout_s",
+        refuse_unknown_keys("handler", raw, {f.name for f in fields(cls)} - {"max_batch_size", "response_timeout_s",
                                                                             "continuous_batching"})
         settings = cls(
             pool=pool,
@@ -122,10 +123,10 @@ class HandlerSettings:
             continuous_batching=config.get("continuousBatching", False),
             **raw,
         )
-        settings.check()
+        settings.validate()
         return settings
 
-    def check(self) -> None:
+    def validate(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"handler.dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if not _positive_int(self.stop_check_interval) or self.stop_check_interval > 64:

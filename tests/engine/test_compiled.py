@@ -80,11 +80,11 @@ def test_compiled_tokens_are_eager_tokens_for_every_mode(compiled, fp32_model):
     engine, report, _, _ = compiled
     _, model = fp32_model
     requests = mixed_requests(model, 7, seed=11)
-    fast = engine.generate(requests)
+    fast = engine.run_to_completion(requests)
     assert engine.step_path == "compiled" and engine.step_error is None
     eager_engine = Engine(model, SHAPE, sync_every=3)
     eager_engine.set_step(None, report.shapes)
-    eager = eager_engine.generate(requests)
+    eager = eager_engine.run_to_completion(requests)
     assert all(g.error is None for g in fast + eager)
     assert sum(len(g.tokens) for g in fast) > 50
     assert [g.tokens for g in fast] == [g.tokens for g in eager]
@@ -93,7 +93,7 @@ def test_compiled_tokens_are_eager_tokens_for_every_mode(compiled, fp32_model):
 def test_fast_path_costs_no_compile_after_start(compiled, fp32_model):
     engine, _, _, _ = compiled
     before = counters["stats"]["unique_graphs"]
-    engine.generate(mixed_requests(fp32_model[1], 3, seed=5))
+    engine.run_to_completion(mixed_requests(fp32_model[1], 3, seed=5))
     assert counters["stats"]["unique_graphs"] == before
 
 
@@ -120,7 +120,7 @@ def test_a_covering_set_of_shapes_gives_the_bucket_tokens(fp32_model):
     few = Engine(model, shape, sync_every=2)
     few.set_step(None, fast_shapes(shape))
     assert few.step_shapes() == sorted(fast_shapes(shape)) and len(buckets.step_shapes()) > len(few.step_shapes())
-    assert [g.tokens for g in few.generate(requests)] == [g.tokens for g in buckets.generate(requests)]
+    assert [g.tokens for g in few.run_to_completion(requests)] == [g.tokens for g in buckets.run_to_completion(requests)]
 
 
 def test_a_shape_set_must_cover_the_full_pool(fp32_model):
@@ -186,8 +186,8 @@ def test_a_failing_fast_step_leaves_the_engine_eager_and_says_why(fp32_model, ca
     # the engine serves, eager, every bucket again
     assert len(engine.step_shapes()) > 2 and engine.step_error is None
     requests = mixed_requests(model, 3, seed=8)
-    reference = Engine(model, PoolShape(2, 48, 8)).generate(requests)
-    assert [g.tokens for g in engine.generate(requests)] == [g.tokens for g in reference]
+    reference = Engine(model, PoolShape(2, 48, 8)).run_to_completion(requests)
+    assert [g.tokens for g in engine.run_to_completion(requests)] == [g.tokens for g in reference]
 
 
 def test_a_fast_step_that_fails_while_serving_is_dropped_for_eager(fp32_model):
@@ -197,10 +197,10 @@ def test_a_fast_step_that_fails_while_serving_is_dropped_for_eager(fp32_model):
     assert report.path == engine.step_path == "compiled"
     report.fast_step.fail_after = report.fast_step.calls + 5  # it passed the self-check; now it breaks
     long = [Request(f"l{i}", [5 + i, 6, 7], GenerationParams(max_new_tokens=40), ()) for i in range(2)]
-    failed = engine.generate(long)
+    failed = engine.run_to_completion(long)
     assert engine.step_path == "eager" and "injected: replay failed" in engine.step_error
     assert any(g.error is not None for g in failed)  # the step's live requests fail with it
-    after = engine.generate([Request("after", [5, 6, 7], GenerationParams(max_new_tokens=10), ())])
+    after = engine.run_to_completion([Request("after", [5, 6, 7], GenerationParams(max_new_tokens=10), ())])
     assert after[0].error is None and len(after[0].tokens) == 10
 
 

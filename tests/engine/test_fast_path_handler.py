@@ -14,7 +14,7 @@ import pytest
 from gpt2ops.local_server import model_config
 from handler.engine import Request
 from handler.serving.fields import params_from_request
-from handler.engine.scheduler import Engine
+from handler.engine.core import Engine
 from handler.gpt2_handler import ContrastiveGPT2Handler
 from tests.engine.test_compiled import SHAPE, fake
 from tests.ts_context import Frontend, make_context
@@ -41,7 +41,7 @@ def eager_tokens(h, prompt: str, **fields) -> list[int]:
     params = params_from_request(fields, defaults=h.settings.defaults, limits=h.settings.limits,
                                  vocab_size=h.loaded.model.vocab_size)
     engine = Engine(h.loaded.model, h.engine.shape)
-    gen = engine.generate([Request("x", h.loaded.tokenizer.encode(prompt), params, h.loaded.eos_ids)])[0]
+    gen = engine.run_to_completion([Request("x", h.loaded.tokenizer.encode(prompt), params, h.loaded.eos_ids)])[0]
     return gen.tokens
 
 

@@ -53,7 +53,7 @@ def models(tiny_model_dir):
 def run(model, mode: str) -> tuple[list[list[int]], Engine]:
     engine = Engine(model, SHAPE, sync_every=3)
     reqs = [Request(str(i), p, MODES[mode], (), seed=i) for i, p in enumerate(prompts(model.vocab_size))]
-    return [g.tokens for g in engine.generate(reqs)], engine
+    return [g.tokens for g in engine.run_to_completion(reqs)], engine
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def test_ranking_sees_float32_only(models, dtype, monkeypatch):
 
     monkeypatch.setattr(step_module, "degeneration_penalty", penalty)
     monkeypatch.setattr(step_module, "contrastive_scores", scores)
-    Engine(models[dtype], SHAPE).generate([Request("a", [5, 6, 7], GenerationParams(max_new_tokens=4), ())])
+    Engine(models[dtype], SHAPE).run_to_completion([Request("a", [5, 6, 7], GenerationParams(max_new_tokens=4), ())])
     assert len(seen) >= 8
     assert all(dt == torch.float32 for entry in seen for dt in entry[1:]), seen
 

@@ -117,7 +117,7 @@ def test_the_engines_first_draws_follow_transformers_distribution(fp32_model, ma
     assert p.max() < 0.5  # the premise: the draws can disagree
     params = GenerationParams(decoding="sample", do_sample=True, temperature=temperature, top_k=0, max_new_tokens=1)
     engine = make_engine(8, max_len=16)
-    first = torch.tensor([g.tokens[0] for g in engine.generate(
+    first = torch.tensor([g.tokens[0] for g in engine.run_to_completion(
         [Request(f"s{s}", prompt, params, (), s) for s in range(draws)])])
     freq = frequencies(first, model.vocab_size)
     likely = p > 0.02

@@ -128,7 +128,7 @@ def test_cancelled_requests_free_their_slots_and_change_no_one(fp32_model, make_
     while engine.busy:
         engine.iterate()
     assert stayed.tokens == alone(model, stay)
-    assert engine.stats().slots_in_use == 0 and sorted(engine._free) == [0, 1, 2]
+    assert engine.stats().slots_in_use == 0 and sorted(engine.scheduler.free) == [0, 1, 2]
 
 
 def test_a_cancelled_waiting_request_never_takes_a_slot(make_engine):

@@ -22,18 +22,18 @@ def criteria(tokenizer):
 def test_a_stop_string_in_the_same_look_wins_over_the_devices_reason(criteria, tokenizer, device_reason):
     tokens = tokenizer.encode("Hello world, and more")
     keep_all = criteria(["world"])
-    reason, keep = keep_all.check(tokens, device_reason, now=0.0)
+    reason, keep = keep_all.reason_to_stop(tokens, device_reason, now=0.0)
     assert reason is FinishReason.STOP
     assert 0 < keep < len(tokens) and keep_all.text.text() == "Hello "
 
 
 @pytest.mark.parametrize("device_reason", [FinishReason.EOS, FinishReason.LENGTH])
 def test_without_a_stop_string_the_devices_reason_ends_it(criteria, tokenizer, device_reason):
-    assert criteria(["never"], deadline=1.0).check(tokenizer.encode("Hello"), device_reason, now=5.0) == \
+    assert criteria(["never"], deadline=1.0).reason_to_stop(tokenizer.encode("Hello"), device_reason, now=5.0) == \
         (device_reason, None)
 
 
 def test_the_deadline_ends_it_only_once_passed(criteria, tokenizer):
     c = criteria(deadline=10.0)
-    assert c.check(tokenizer.encode("Hello"), None, now=9.0) == (None, None)
-    assert c.check(tokenizer.encode(" world"), None, now=10.5) == (FinishReason.TIMEOUT, None)
+    assert c.reason_to_stop(tokenizer.encode("Hello"), None, now=9.0) == (None, None)
+    assert c.reason_to_stop(tokenizer.encode(" world"), None, now=10.5) == (FinishReason.TIMEOUT, None)

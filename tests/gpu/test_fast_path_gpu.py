@@ -110,11 +110,11 @@ def test_float16_graphs_and_eager_agree(fp16_model, capsys):
     reqs = requests(fp16_model, 9, seed=4)
     eager = Engine(fp16_model, SHAPE, sync_every=4)
     eager.set_step(None, fast_shapes(SHAPE))
-    reference = [g.tokens for g in eager.generate(reqs)]
+    reference = [g.tokens for g in eager.run_to_completion(reqs)]
     engine = Engine(fp16_model, SHAPE, sync_every=4)
     report = enable_fast_path(engine, "auto")
     assert report.path == "cuda-graphs", report.as_dict()
-    out = [g.tokens for g in engine.generate(reqs)]
+    out = [g.tokens for g in engine.run_to_completion(reqs)]
     total = sum(len(t) for t in reference)
     same = sum(a == b for r, o in zip(reference, out) for a, b in zip(r, o))
     with capsys.disabled():
@@ -165,7 +165,7 @@ def test_cudagraph_trees_keep_their_graphs_over_the_mutated_pool(fp16_model):
     assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] == 0, dict(counters["inductor"])
     manual = Engine(fp16_model, SHAPE, sync_every=4)
     assert enable_fast_path(manual, "auto", max_shapes=1).path == "cuda-graphs"
-    assert [g.tokens for g in trees.generate(reqs)] == [g.tokens for g in manual.generate(reqs)]
+    assert [g.tokens for g in trees.run_to_completion(reqs)] == [g.tokens for g in manual.run_to_completion(reqs)]
 
 
 @pytest.mark.parametrize("graphs", ["manual", "trees"])

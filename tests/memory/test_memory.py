@@ -4,7 +4,7 @@ The ledger runs against a scripted NVML query and a stand-in for torch.cuda's
 allocator counters, so every part is checked against numbers worked out by
 hand below; the plan's parameter count is checked against transformers'
 GPT2LMHeadModel built on the `meta` device (no memory). Nothing here needs a
-GPU; `tests/test_gpu_memory.py` checks the same things on one.
+GPU; `tests/memory/test_gpu_memory.py` checks the same things on one.
 """
 
 from __future__ import annotations

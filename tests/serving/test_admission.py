@@ -7,7 +7,7 @@ from handler.engine.params import GenerationParams
 from handler.engine.pool import PoolShape
 from handler.serving.admission import Admission
 from handler.serving.errors import RequestError
-from handler.serving.fields import RequestLimits
+from handler.serving.limits import RequestLimits
 
 MAX_LEN = 40  # positions of one slot; the model has more, so only the pool can refuse
 
@@ -20,13 +20,13 @@ def admission():
 
 @pytest.mark.parametrize("prompt_tokens, new_tokens", [(10, MAX_LEN - 10), (1, MAX_LEN - 1), (MAX_LEN - 1, 1)])
 def test_a_request_that_fills_its_slot_exactly_is_admitted(admission, prompt_tokens, new_tokens):
-    admission.check(prompt_tokens, GenerationParams(max_new_tokens=new_tokens))
+    admission.admit(prompt_tokens, GenerationParams(max_new_tokens=new_tokens))
 
 
 @pytest.mark.parametrize("prompt_tokens, new_tokens", [(10, MAX_LEN - 9), (1, MAX_LEN), (MAX_LEN, 1)])
 def test_one_position_more_than_a_slot_holds_is_refused_with_507(admission, prompt_tokens, new_tokens):
     with pytest.raises(RequestError) as refused:
-        admission.check(prompt_tokens, GenerationParams(max_new_tokens=new_tokens))
+        admission.admit(prompt_tokens, GenerationParams(max_new_tokens=new_tokens))
     assert refused.value.status == 507 and refused.value.field == "max_new_tokens"
     assert f"slots hold {MAX_LEN} positions" in str(refused.value)
     assert f"at most {MAX_LEN - prompt_tokens})" in str(refused.value)

@@ -20,7 +20,7 @@ def hurried(tiny_model_dir):
 def test_the_budget_gives_a_deadline_on_the_monotonic_clock(hurried):
     import time
 
-    request = hurried.batching.preparation.prepare("d", {"body": {"prompt": "hi"}},
+    request = hurried.native.prepare("d", {"body": {"prompt": "hi"}},
                                                     {"Content-Type": "application/json"}).request
     assert hurried.settings.request_budget_s == pytest.approx(0.001)
     assert 0 < request.deadline - time.monotonic() <= 0.001

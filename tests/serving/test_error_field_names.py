@@ -13,7 +13,7 @@ import json
 import pytest
 
 from handler.serving.errors import RequestError, field_label
-from handler.serving.openai_api import OpenAIError, error_object
+from handler.serving.openai.protocol import OpenAIError, error_object
 from tests.serving.handlers import LIMITS, make_handler
 
 # (id, raw JSON body, the field the error names, as shown)

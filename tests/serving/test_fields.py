@@ -7,7 +7,8 @@ import yaml
 
 from gpt2ops import REPO
 from handler.engine.params import GenerationParams, InvalidParameter
-from handler.serving.fields import BY_NAME, FIELDS, PROMPT, RequestLimits, markdown_rows
+from handler.serving.fields import BY_NAME, FIELDS, PROMPT, markdown_rows
+from handler.serving.limits import RequestLimits
 from handler.serving.settings import HandlerSettings
 from tests.readme import table_rows
 

@@ -2,7 +2,7 @@
 
 The frontend sends a job's status line with its first answer; an answer flagged "false" ends a chunked body
 that was never opened (Netty's `EncoderException`: the client gets nothing). The handler's answer path
-(`Batching._answer`, `_fail`) gives a job that is answered at once (an error, a route, a request done in its
+(`ServingLoop._answer`, `_fail`) gives a job that is answered at once (an error, a route, a request done in its
 first iteration) a plain answer with no flag, and "false" only to a job that got a chunk. Here each job's first
 answer, through TorchServe's own `create_predict_response` (tests.ts_context.Frontend), is checked for the flag:
 these tests fail if that code flags a first answer. The same shapes on the real server: tests/e2e/test_traps.py.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import handler.engine.scheduler as scheduler
+import handler.engine.runner as runner
 from handler.serving import responses
 
 NATIVE, OPENAI = "", "v1/completions"
@@ -60,14 +60,14 @@ def test_a_job_that_fails_in_its_first_call_gets_a_plain_error_never_the_closing
     """`_fail`: the prefill out of memory (507), the answer failing to be made (500), the whole call failing (500)."""
     body = {"prompt": "hi", "stream": stream, **({"max_tokens": 1} if path else {"max_new_tokens": 1})}
     case = [("", path, body, 0)]
-    real_prefill = scheduler.prefill_slot
+    real_prefill = runner.prefill_slot
 
     def oom(*args, **kw):
         raise torch.OutOfMemoryError("simulated")
 
-    monkeypatch.setattr(scheduler, "prefill_slot", oom)
+    monkeypatch.setattr(runner, "prefill_slot", oom)
     assert serve(handler, case)[0] == [(507, None)]
-    monkeypatch.setattr(scheduler, "prefill_slot", real_prefill)
+    monkeypatch.setattr(runner, "prefill_slot", real_prefill)
 
     def broken(*args, **kw):
         raise RuntimeError("a bug")
@@ -76,7 +76,7 @@ def test_a_job_that_fails_in_its_first_call_gets_a_plain_error_never_the_closing
         monkeypatch.setattr(responses, "final", broken)
         assert serve(handler, case)[0] == [(500, None)]
         monkeypatch.undo()
-    monkeypatch.setattr(handler.batching, "run", broken)  # the call fails as a whole: Batching.fail_all
+    monkeypatch.setattr(handler.loop, "run", broken)  # the call fails as a whole: ServingLoop.fail_all
     assert serve(handler, case)[0] == [(500, None)]
     monkeypatch.undo()
-    assert not handler.batching.jobs and not handler.engine.busy
+    assert not handler.loop.jobs and not handler.engine.busy

@@ -5,7 +5,7 @@ Unicode: tests/fuzz_inputs.py) to a prepared engine request or its error, and th
 (tests.ts_context.Frontend, with TorchServe's own decoding of the worker's input and encoding of its
 output) in batches that mix fuzzed requests with good ones:
 
-- nothing raises out of `read_request`, `Preparation.prepare` or the handler;
+- nothing raises out of `read_request`, `NativeApi.prepare` or the handler;
 - every refusal is a documented status (400 bad input, 404 unknown route, 413 body over the limit, 507 does
   not fit this worker) naming a field of the request, in an error body that is valid UTF-8 JSON; a 500
   (an internal fault) is never the answer to input;
@@ -29,8 +29,7 @@ from gpt2ops.expected import ExpectedAnswers
 from handler.serving import responses
 from handler.serving.errors import RequestError, field_label
 from handler.serving.fields import BY_NAME
-from handler.serving.preparation import Prepared
-from handler.serving.request import RawRequest, read_request
+from handler.serving.native import Prepared, RawRequest, read_request
 from tests.fuzz_inputs import REQUEST_OBJECTS, as_worker, worker_requests
 from tests.fuzz_profile import reproducible
 from tests.serving.handlers import make_handler, one_torch_thread
@@ -58,7 +57,7 @@ def handler(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def preparation(handler):
-    return handler.batching.preparation
+    return handler.native
 
 
 def fields_of(entry: dict) -> set[str]:
@@ -235,7 +234,7 @@ def test_fuzzed_requests_in_a_batch_never_cost_a_good_request_its_answer(handler
         statuses, texts, _ = handler.frontend.serve([GOOD[0]])
         assert statuses == [200] and lines(texts[0])[-1]["token_ids"] == expected[0]
         stats = handler.engine.stats()
-        assert (stats.slots_in_use, stats.waiting, handler.batching.jobs) == (0, 0, {})
+        assert (stats.slots_in_use, stats.waiting, handler.loop.jobs) == (0, 0, {})
         assert handler.engine.tracked == 0
 
     batch()

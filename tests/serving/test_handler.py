@@ -93,7 +93,7 @@ def test_a_client_that_goes_away_frees_its_slot(handler):
     after = handler.engine.stats()
     assert codes == [200] and after.slots_in_use == 0 and after.waiting == 0  # its slot is free again
     assert generated < 90 + 30  # it stopped generating
-    assert handler.engine.get(hung_up) is None and not handler.batching.jobs  # forgotten
+    assert handler.engine.get(hung_up) is None and not handler.loop.jobs  # forgotten
 
 
 def test_bad_request_fails_alone_in_its_batch(handler):
@@ -125,11 +125,11 @@ def test_length_beyond_positions_is_400_before_generation(wide_handler):
     prompt = "one two three " * 25
     n_prompt = len(wide_handler.loaded.tokenizer.encode(prompt))
     assert 112 < n_prompt <= 500
-    steps = wide_handler.engine.steps
+    steps = wide_handler.engine.stats().steps
     codes, answers, _ = run(wide_handler, [{"prompt": prompt, "max_new_tokens": 400}])
     assert codes == [400] and answers[0]["field"] == "max_new_tokens"
     assert f"at most {512 - n_prompt} new tokens" in answers[0]["message"]
-    assert wide_handler.engine.steps == steps and not wide_handler.engine.busy  # never reached the engine
+    assert wide_handler.engine.stats().steps == steps and not wide_handler.engine.busy  # never reached the engine
 
 
 def test_prompt_over_the_limit_is_400(handler):
@@ -185,21 +185,21 @@ def test_streaming_run_to_completion_sends_intermediate_responses(static_handler
 
 
 def test_out_of_memory_in_a_prefill_is_507_and_neighbours_survive(handler, monkeypatch):
-    import handler.engine.scheduler as scheduler
+    import handler.engine.runner as runner
 
-    real = scheduler.prefill_slot
+    real = runner.prefill_slot
 
     def oom_for_b(model, pool, slot, prompt_ids, *args):
         if prompt_ids == handler.loaded.tokenizer.encode("b"):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(model, pool, slot, prompt_ids, *args)
 
-    monkeypatch.setattr(scheduler, "prefill_slot", oom_for_b)
+    monkeypatch.setattr(runner, "prefill_slot", oom_for_b)
     codes, answers, _ = run(handler, [{"prompt": "a", "max_new_tokens": 5}, {"prompt": "b", "max_new_tokens": 30},
                                       {"prompt": "c", "max_new_tokens": 6}])
     assert codes == [200, 507, 200]
     assert answers[1]["code"] == 507 and "out of memory" in answers[1]["message"]
-    monkeypatch.setattr(scheduler, "prefill_slot", real)
+    monkeypatch.setattr(runner, "prefill_slot", real)
     codes, _, _ = run(handler, [{"prompt": "b", "max_new_tokens": 30}])
     assert codes == [200]
 
@@ -215,12 +215,12 @@ def test_describe_reports_no_gpu_the_pool_and_the_load(handler):
 
 
 def test_unexpected_failure_in_a_step_is_500_for_the_live_requests_only(static_handler, monkeypatch):
-    import handler.engine.scheduler as scheduler
+    import handler.engine.runner as runner
 
     def broken(*args, **kw):
         raise ValueError("a bug")
 
-    monkeypatch.setattr(scheduler, "decode_one_token", broken)
+    monkeypatch.setattr(runner, "decode_one_token", broken)
     codes, answers, _ = run(static_handler, [{"prompt": "a", "max_new_tokens": 5}, {"prompt": "b", "top_k": 1}])
     assert codes == [500, 400]  # the bad request keeps its own 400
     assert answers[0]["code"] == 500 and "ValueError" in answers[0]["message"]

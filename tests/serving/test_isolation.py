@@ -54,7 +54,7 @@ def assert_good(statuses, answers, expected, indexes):
 
 def assert_idle(handler):
     stats = handler.engine.stats()
-    assert (stats.slots_in_use, stats.waiting, handler.engine.tracked, handler.batching.jobs) == (0, 0, 0, {})
+    assert (stats.slots_in_use, stats.waiting, handler.engine.tracked, handler.loop.jobs) == (0, 0, 0, {})
 
 
 def is_victim(request) -> bool:
@@ -86,7 +86,7 @@ def test_a_fault_while_the_engine_takes_one_request_fails_it_alone(handler, expe
 
 
 def test_a_fault_in_reading_one_request_fails_it_alone(handler, expected, monkeypatch):
-    tokenizer = handler.batching.preparation.tokenizer
+    tokenizer = handler.native.engine_requests.tokenizer
     real = tokenizer.encode
 
     def encode(text, *args, **kw):
@@ -105,7 +105,7 @@ def test_a_fault_in_a_route_fails_that_request_alone(handler, expected, monkeypa
     def broken():
         raise KeyError("report")
 
-    monkeypatch.setitem(handler.batching.routes._routes, "describe", broken)
+    monkeypatch.setitem(handler.loop.routes._routes, "describe", broken)
     headers = [{"Content-Type": "application/json", "url_path": "describe"}, {"Content-Type": "application/json"}]
     statuses, answers, _ = serve(handler, [{}, GOOD[0]], headers=headers)
     assert statuses[0] == 500 and "KeyError" in answers[0][-1]["message"]

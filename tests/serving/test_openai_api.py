@@ -15,9 +15,9 @@ import yaml
 
 from gpt2ops import REPO
 from handler.serving.errors import RequestError
-from handler.serving.openai_api import _params, error_object, read_body, read_completion
+from handler.serving.openai.call import to_params
+from handler.serving.openai.protocol import error_object, read_body, read_completion
 from handler.serving.settings import HandlerSettings
-from tests.readme import table_rows
 from tests.serving.handlers import local
 
 SETTINGS = HandlerSettings.from_model_config(yaml.safe_load((REPO / "model-config.yaml").read_text()))
@@ -28,7 +28,7 @@ MODEL = "tiny-gpt2"  # tests.ts_context.make_context's model name
 def mapped(body: dict):
     """A body through the mapping: GenerationParams, or (status, OpenAI error object)."""
     try:
-        return _params(read_completion({"prompt": "hi", **body}, MODEL, SETTINGS.limits.max_choices), SETTINGS,
+        return to_params(read_completion({"prompt": "hi", **body}, MODEL, SETTINGS.limits.max_choices), SETTINGS,
                        VOCAB)
     except RequestError as err:
         return err.status, error_object(err)["error"]
@@ -153,7 +153,7 @@ def nothing_left_open(request):
     for name in ("handler", "static_handler"):
         if name in request.fixturenames:
             h = request.getfixturevalue(name)
-            assert not h.batching.jobs and not h.engine.busy, (h.batching.jobs, h.engine.stats())
+            assert not h.loop.jobs and not h.engine.busy, (h.loop.jobs, h.engine.stats())
 
 
 def send(h, bodies: list, paths: list[str] | str = "v1/completions", **kw):
@@ -368,9 +368,9 @@ def test_a_client_that_goes_away_frees_every_choice(handler):
 
 
 def test_out_of_memory_in_one_choice_is_507_for_the_call_alone(handler, monkeypatch):
-    import handler.engine.scheduler as scheduler
+    import handler.engine.runner as runner
 
-    real = scheduler.prefill_slot
+    real = runner.prefill_slot
     bad = handler.loaded.tokenizer.encode("b")
 
     def oom_for_b(model, pool, slot, prompt_ids, *args):
@@ -378,7 +378,7 @@ def test_out_of_memory_in_one_choice_is_507_for_the_call_alone(handler, monkeypa
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(model, pool, slot, prompt_ids, *args)
 
-    monkeypatch.setattr(scheduler, "prefill_slot", oom_for_b)
+    monkeypatch.setattr(runner, "prefill_slot", oom_for_b)
     codes, bodies, _ = send(handler, [{"prompt": ["a", "b"], "max_tokens": 30, "temperature": 0},
                                       {"prompt": "c", "max_tokens": 6, "temperature": 0}])
     assert codes == [507, 200]
@@ -390,9 +390,9 @@ def test_out_of_memory_in_one_choice_is_507_for_the_call_alone(handler, monkeypa
 
 
 def test_a_failure_after_events_went_out_is_an_error_event(handler, monkeypatch):
-    import handler.engine.scheduler as scheduler
+    import handler.engine.runner as runner
 
-    real, calls = scheduler.decode_one_token, {"n": 0}
+    real, calls = runner.decode_one_token, {"n": 0}
 
     def fails_later(*args, **kw):
         calls["n"] += 1
@@ -400,7 +400,7 @@ def test_a_failure_after_events_went_out_is_an_error_event(handler, monkeypatch)
             raise ValueError("a bug")
         return real(*args, **kw)
 
-    monkeypatch.setattr(scheduler, "decode_one_token", fails_later)
+    monkeypatch.setattr(runner, "decode_one_token", fails_later)
     codes, bodies, chunks = send(handler, [{"prompt": "Hello", "max_tokens": 90, "temperature": 0,
                                             "stream": True}])
     monkeypatch.undo()
@@ -423,9 +423,21 @@ def test_run_to_completion_streams_events_as_intermediate_responses(static_handl
     assert "".join(e["choices"][0]["text"] for e in early + final[:-1]) == plain["choices"][0]["text"]
 
 
-def test_the_readme_table_is_the_field_table_with_the_shipped_config():
-    from handler.serving.openai_api import FIELDS, markdown_rows
+def test_the_docs_table_lists_the_fields_the_code_knows_with_the_shipped_config():
+    from handler.serving.openai.protocol import FIELDS
 
-    rows = table_rows("| OpenAI field | type | here |")
-    assert rows == markdown_rows(SETTINGS)
-    assert len(rows) == len(FIELDS)
+    lines = (REPO / "docs" / "openai-api.md").read_text(encoding="utf-8").splitlines()
+    start = lines.index("| OpenAI field | type | here |")
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        name, _type, becomes = (cell.strip() for cell in line.strip("|").split("|", 2))
+        rows[name.strip("`")] = becomes
+    assert list(rows) == list(FIELDS)
+    limits, defaults = SETTINGS.limits, SETTINGS.defaults
+    assert f"1 … {limits.max_new_tokens}; absent: the operator's default ({defaults.max_new_tokens})" in \
+        rows["max_tokens"]
+    assert f"(`{defaults.decoding}`)" in rows["temperature"]
+    assert f"at most {limits.max_stop_strings} strings of 1 … {limits.max_stop_length} characters" in rows["stop"]
+    assert f"`limits.max_choices` ({limits.max_choices}," in rows["n"]

@@ -6,7 +6,8 @@ import pytest
 
 from handler.serving.errors import RequestError
 from handler.engine.params import GenerationParams
-from handler.serving.fields import RequestLimits, defaults_from_config, params_from_request
+from handler.serving.fields import defaults_from_config, params_from_request
+from handler.serving.limits import RequestLimits
 
 LIMITS = RequestLimits()
 VOCAB = 1000

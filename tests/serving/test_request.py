@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from handler.serving.errors import RequestError
-from handler.serving.request import read_request
+from handler.serving.native import read_request
 
 JSON = {"Content-Type": "application/json"}
 LIMIT = 1000

@@ -22,11 +22,15 @@ streamed text sent as intermediate responses: the behaviour before continuous
 batching, kept for comparison (`benchmarks/load.py`) and for frontends that
 cannot keep jobs open.
 
-Another API's requests (the OpenAI-compatible `v1/completions` of
-`handler.serving.openai`, handed over by `handler.serving.routes`) go through
-the same loop: such a job carries the API's call (`Job.api`), which may hold
-several generations (one per choice) and shapes its own chunks, answer and
-errors; the job stays open until all its generations are done.
+Every API's requests go through the same loop without it asking which API
+they came from: the route (`handler.serving.routes`) hands the request to its
+API (the native one, `handler.serving.native`, or the OpenAI-compatible
+`v1/completions`, `handler.serving.openai`), whose `start` returns a call
+(`handler.serving.call.Call`): its generations (one per choice), its chunks,
+answer and errors. A job stays open until its call is done.
+
+(A little over 300 lines: the three phases of a call and the guards where a request enters and its
+answer leaves are one loop, read together.)
 """
 
 from __future__ import annotations
@@ -35,42 +39,21 @@ import logging
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Protocol
 
 from ts.handler_utils.utils import send_intermediate_predict_response
 
-from handler.engine.scheduler import Engine, Generation
-from handler.engine.stopping import FinishReason
+from handler.engine.core import Engine
+from handler.engine.scheduler import Generation
 from handler.serving import drain, responses
+from handler.serving.body import header
+from handler.serving.call import Call
 from handler.serving.describe_jobs import DescribeJobs, is_describe_job
 from handler.serving.errors import RequestError, is_out_of_memory
 from handler.serving.orphans import OpenJobs
-from handler.serving.openai_api import DONE_EVENT, PREFIX as OPENAI_PREFIX, SSE_CONTENT_TYPE, error_json
-from handler.serving.preparation import Preparation
-from handler.serving.request import header
-from handler.serving.routes import URL_PATH_HEADER, Handoff, Immediate, Routes
+from handler.serving.openai.protocol import DONE_EVENT, PREFIX as OPENAI_PREFIX, SSE_CONTENT_TYPE, error_json
+from handler.serving.routes import URL_PATH_HEADER, ReadyAnswer, Routes
 
 logger = logging.getLogger(__name__)
-
-
-class ApiCall(Protocol):
-    """A request of another API in progress (handler.serving.openai.CompletionCall): its generations, and
-    how its chunks, answer and errors look."""
-
-    stream: bool
-    generations: list[Generation]
-    content_type: str  # of its answer so far: a failure before any chunk is a plain JSON error
-
-    @property
-    def done(self) -> bool: ...
-
-    def chunk(self) -> str: ...  # the new settled text of a running call ("" when none or not streamed)
-
-    def final(self) -> str: ...  # the answer once every generation is done (or the stream's end)
-
-    def failure(self) -> Generation | None: ...  # a generation that failed in the engine, if any
-
-    def error(self, error: RequestError, opened: bool) -> str: ...  # the body that reports `error`
 
 
 @dataclass
@@ -78,25 +61,32 @@ class Job:
     """One TorchServe request on its way through the handler."""
 
     request_id: str
-    prompt: str = ""
-    stream: bool = False
-    generation: Generation | None = None
+    call: Call | None = None  # a generation request's call (handler.serving.call), whatever its API
     error: RequestError | None = None  # what its client gets instead of an answer
-    immediate: Immediate | None = None  # an answer that needs no generation (handler.serving.routes)
+    immediate: ReadyAnswer | None = None  # an answer that needs no generation (handler.serving.routes)
     opened: bool = False  # a chunk went out: the status line is sent, the job stays open across calls
-    api: ApiCall | None = None  # another API's request (handler.serving.openai): its generations and shapes
+
+    @property
+    def stream(self) -> bool:
+        return self.call is not None and self.call.stream
 
     @property
     def done(self) -> bool:
-        if self.api is not None:
-            return self.api.done
-        return self.generation is None or self.generation.done
+        return self.call is None or self.call.done
 
     @property
     def generations(self) -> list[Generation]:
-        if self.api is not None:
-            return self.api.generations
-        return [] if self.generation is None else [self.generation]
+        return [] if self.call is None else self.call.generations
+
+    @property
+    def content_type(self) -> str:
+        if self.immediate is not None:
+            return self.immediate.content_type
+        return self.call.content_type if self.call is not None else responses.JSON_CONTENT_TYPE
+
+    def error_body(self, error: RequestError) -> str:
+        """The body that reports `error` to this job's client: in its call's shape, else the native one."""
+        return self.call.error(error, self.opened) if self.call is not None else error.to_json()
 
 
 # A job the frontend had open in a worker that died between two iterations (handler.serving.orphans): its
@@ -104,12 +94,12 @@ class Job:
 ORPHANED = RequestError("body", "the worker serving this request died; the request was lost: retry it", status=500)
 
 
-def orphan_answer(url_path: str) -> Immediate:
+def orphan_answer(url_path: str) -> ReadyAnswer:
     """The last line of an orphaned job: an OpenAI error event and the stream's end under `v1/`, else the
     native error line (its body, streamed or not, is unknown: the frontend no longer sends it)."""
     if url_path.strip("/").startswith(OPENAI_PREFIX + "/"):
-        return Immediate(f"data: {error_json(ORPHANED)}\n\n{DONE_EVENT}", SSE_CONTENT_TYPE, ORPHANED.status)
-    return Immediate(ORPHANED.to_json() + "\n", responses.STREAM_CONTENT_TYPE, ORPHANED.status)
+        return ReadyAnswer(f"data: {error_json(ORPHANED)}\n\n{DONE_EVENT}", SSE_CONTENT_TYPE, ORPHANED.status)
+    return ReadyAnswer(ORPHANED.to_json() + "\n", responses.STREAM_CONTENT_TYPE, ORPHANED.status)
 
 
 def generation_error(gen: Generation) -> RequestError:
@@ -126,15 +116,14 @@ def internal_error(err: BaseException | None, where: str) -> RequestError:
                         "retrying may succeed", status=500)
 
 
-class Batching:
+class ServingLoop:
     """The job table and the loop of one worker (see the module docstring)."""
 
-    def __init__(self, engine: Engine, preparation: Preparation, routes: Routes, *, continuous: bool,
-                 iteration_s: float, describe_jobs: DescribeJobs | None = None, open_jobs: OpenJobs | None = None):
+    def __init__(self, engine: Engine, routes: Routes, *, continuous: bool, iteration_s: float,
+                 describe_jobs: DescribeJobs | None = None, open_jobs: OpenJobs | None = None):
         self.engine = engine
         self.describe_jobs = describe_jobs  # TorchServe's describe jobs (handler.serving.describe_jobs)
         self.open_jobs = open_jobs  # continuous batching: open job ids on disk (handler.serving.orphans)
-        self.preparation = preparation
         self.routes = routes
         self.continuous = continuous
         self.iteration_s = iteration_s
@@ -175,31 +164,24 @@ class Batching:
     def _new_job(self, index: int, request_id: str, entry, context) -> Job:
         headers = _headers(context, index)
         if self.describe_jobs is not None and is_describe_job(headers, entry):  # the management API's
-            return Job(request_id, immediate=Immediate(self.describe_jobs.answer(request_id, context)))
+            return Job(request_id, immediate=ReadyAnswer(self.describe_jobs.answer(request_id, context)))
         if self.open_jobs is not None and self.open_jobs.is_orphan(request_id):  # handler.serving.orphans
             logger.error("request %s was open in a worker that died: answered with an error", request_id)
             return Job(request_id, immediate=orphan_answer(header(headers, URL_PATH_HEADER)), opened=True)
         routed = self.routes.answer(header(headers, URL_PATH_HEADER))
         if isinstance(routed, RequestError):
             return Job(request_id, error=routed)
-        if (routed is None or isinstance(routed, Handoff)) and self.drain.draining():
+        if isinstance(routed, ReadyAnswer):
+            return Job(request_id, immediate=routed)
+        if self.drain.draining():  # a generation: refused while shutting down
             self.refused_for_drain = True
             return Job(request_id, error=drain.REFUSED)
-        if isinstance(routed, Handoff):  # another API's generation: it prepares and submits its own
-            started = routed.start(request_id, entry, headers)
-            if isinstance(started, Immediate):
-                return Job(request_id, immediate=started)
-            job = Job(request_id, stream=started.stream, api=started)
-            if self.continuous:
-                self.jobs[request_id] = job
-            return job
-        if routed is not None:
-            return Job(request_id, immediate=routed)
-        prepared = self.preparation.prepare(request_id, entry, headers)
-        if isinstance(prepared, RequestError):
-            return Job(request_id, error=prepared)
-        gen = self.engine.submit(prepared.request)
-        job = Job(request_id, prepared.prompt, prepared.request.params.stream, gen)
+        started = routed.start(request_id, entry, headers)  # its API reads, maps, admits and submits it
+        if isinstance(started, RequestError):
+            return Job(request_id, error=started)
+        if isinstance(started, ReadyAnswer):
+            return Job(request_id, immediate=started)
+        job = Job(request_id, call=started)
         if self.continuous:
             self.jobs[request_id] = job
         return job
@@ -237,7 +219,7 @@ class Batching:
 
     def _send_chunks(self, indexed: list[tuple[int, Job]], context) -> None:
         """Run to completion: streamed text so far as intermediate responses."""
-        chunks = {i: _chunk(j) for i, j in indexed if not j.done}
+        chunks = {i: j.call.chunk() for i, j in indexed if not j.done}
         chunks = {i: c for i, c in chunks.items() if c}
         if chunks:
             ids = {i: context.request_ids[i] for i in chunks}
@@ -264,9 +246,7 @@ class Batching:
                 answer, flag = self._fail(index, job, internal_error(err, "while answering this request"), context)
             out.append(answer)
             stop_flags.append(flag)
-        self._set_stop_flags(context, stop_flags)
-        if self.open_jobs is not None:
-            self.open_jobs.record(self.jobs)
+        self._end_call(context, stop_flags)
         self.drain.after_call(len(self.jobs), self.refused_for_drain)
         return out
 
@@ -281,25 +261,26 @@ class Batching:
             answer, flag = self._fail(index, job, internal_error(err, "in this worker"), context)
             out.append(answer)
             stop_flags.append(flag)
-        self._set_stop_flags(context, stop_flags)
-        if self.open_jobs is not None:
-            self.open_jobs.record(self.jobs)
+        self._end_call(context, stop_flags)
         return out
 
-    def _set_stop_flags(self, context, stop_flags: list[bool | None]) -> None:
-        """Continuous batching: tell the frontend which jobs of this call stay open (False) and which end."""
+    def _end_call(self, context, stop_flags: list[bool | None]) -> None:
+        """Continuous batching: tell the frontend which jobs of this call stay open (False) and which end, and
+        record the open ones on disk (handler.serving.orphans)."""
         if self.continuous:
             context.stopping_criteria = [lambda _answer, flag=flag: flag for flag in stop_flags]
+        if self.open_jobs is not None:
+            self.open_jobs.record(self.jobs)
 
     def _answer(self, index: int, job: Job, context) -> tuple[str, bool | None]:
         """A job's answer and its stop flag (False: the job stays open; True: a stream ends; None: plain)."""
         if not job.done:  # continuous batching: a chunk, and the job stays open
-            context.set_response_content_type(index, _content_type(job))
-            answer = _chunk(job) if job.stream else ""
+            context.set_response_content_type(index, job.content_type)
+            answer = job.call.chunk()
             job.opened = True
             return answer, False
         answer = self._final(index, job, context)
-        context.set_response_content_type(index, _content_type(job))  # after _final: an error may change it
+        context.set_response_content_type(index, job.content_type)  # after _final: an error may change it
         if job.generations:
             self._drop(job.request_id, job)  # done: cancelling changes nothing, and its records are forgotten
         # a job that got chunks ends its stream ("false"); one answered at once gets a plain response
@@ -308,8 +289,7 @@ class Batching:
     def _fail(self, index: int, job: Job, error: RequestError, context) -> tuple[str, bool | None]:
         """Answer `job` with `error` and close it; its generations, if any, end."""
         self._drop(job.request_id, job)
-        body = job.api.error(error, job.opened) if job.api is not None else \
-            error.to_json() + ("\n" if job.stream and job.opened else "")
+        body = job.error_body(error)
         if job.opened:  # the status line went out with the first chunk: the error ends the body
             return body, True
         context.set_response_content_type(index, responses.JSON_CONTENT_TYPE)
@@ -323,32 +303,14 @@ class Batching:
             return job.immediate.body
         error = job.error
         if error is None:
-            failed = job.api.failure() if job.api is not None else \
-                job.generation if job.generation.finish_reason is FinishReason.ERROR else None
+            failed = job.call.failure()
             if failed is not None:
                 error = generation_error(failed)
                 logger.error("request %s failed during generation: %r", job.request_id, failed.error)
         if error is not None:
             _set_status(context, index, error.status, error.reason)
-            if job.api is not None:
-                return job.api.error(error, job.opened)
-            return error.to_json() + ("\n" if job.stream and job.opened else "")
-        if job.api is not None:
-            return job.api.final()
-        return responses.final(job.prompt, job.generation, job.stream)
-
-
-def _chunk(job: Job) -> str:
-    """A running streamed job's new settled text."""
-    return job.api.chunk() if job.api is not None else responses.chunk(job.generation)
-
-
-def _content_type(job: Job) -> str:
-    if job.immediate is not None:
-        return job.immediate.content_type
-    if job.api is not None:
-        return job.api.content_type
-    return responses.STREAM_CONTENT_TYPE if job.stream else responses.JSON_CONTENT_TYPE
+            return job.error_body(error)
+        return job.call.final()
 
 
 def _headers(context, index: int) -> dict:
