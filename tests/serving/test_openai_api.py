@@ -426,6 +426,6 @@ def test_run_to_completion_streams_events_as_intermediate_responses(static_handl
 def test_the_readme_table_is_the_field_table_with_the_shipped_config():
     from handler.serving.openai_api import FIELDS, markdown_rows
 
-    rows = table_rows("| OpenAI field | type | here |")
+    rows = table_rows("| OpenAI field | type | here |", "api.md")
     assert rows == markdown_rows(SETTINGS)
     assert len(rows) == len(FIELDS)
