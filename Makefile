@@ -2,6 +2,7 @@
 #            A second `make run` reuses the server already running from $(RUN_DIR) when it answers /ping
 #            (same keys, other registered models stay) and replaces $(MODEL_NAME) with the archive just built.
 # make stop  stop that server; returns once its processes are gone
+# make keys  print that server's keys and when they expire; make renew-keys: new inference and management keys
 # make test  the whole test suite (what CI runs); its fuzz tests replay tests/fuzz-examples/ and a fixed seed
 # make fuzz  fresh fuzz inputs for FUZZ_MINUTES (default 10); failures saved in tests/fuzz-examples/ (commit them)
 # make mutants  the mutation check (scripts/mutants.py): killed/survived per committed mutant; not part of CI
@@ -33,7 +34,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: image image-test image-packages image-check mutants fuzz run stop test venv model archive serve register query bench bench-hf quality soak clean system-packages gpu-wheels gpu-report
+.PHONY: keys renew-keys image image-test image-packages image-check mutants fuzz run stop test venv model archive serve register query bench bench-hf quality soak clean system-packages gpu-wheels gpu-report
 
 $(BIN)/.installed: requirements.txt requirements-k8s-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -76,12 +77,19 @@ query: venv
 run: archive serve register query
 	@echo
 	@echo "TorchServe keeps running (stop it with: make stop). Query it yourself:"
-	@echo "  KEY=\$$(python3 -c 'import json; print(json.load(open(\"$(RUN_DIR)/key_file.json\"))[\"inference\"][\"key\"])')"
+	@echo "  KEY=\$$($(BIN)/python scripts/keys.py --print inference)   # keys live 60 min: make renew-keys"
 	@echo "  curl -X POST http://127.0.0.1:8080/predictions/$(MODEL_NAME) -H \"Authorization: Bearer \$$KEY\" \\"
 	@echo "       -H 'Content-Type: application/json' --data '{\"prompt\": \"你是谁?\"}'"
 
 stop:
 	@scripts/stop.sh --run-dir $(RUN_DIR)
+
+# the running server's keys (key file, each key, when it expires); renew-keys: new inference and management keys
+keys: venv
+	@$(BIN)/python scripts/keys.py --run-dir $(RUN_DIR) --config $(TS_CONFIG)
+
+renew-keys: venv
+	@$(BIN)/python scripts/keys.py --renew --run-dir $(RUN_DIR) --config $(TS_CONFIG)
 
 test: venv
 	$(BIN)/python -m pytest -q --durations=25 tests

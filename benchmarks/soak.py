@@ -287,7 +287,7 @@ def run_soak(client: TorchServe, model: str, worker_pid: int, expected: list[lis
 def start_soak_server(root: Path, store: Path, torch_threads: int | None):
     """A TorchServe for the soak; `torch_threads` sets OMP_NUM_THREADS for its worker (None: as the environment
     has it). On a busy 2-core machine torch's default of one thread per core makes each step of the tiny model
-    wait on the other thread: one thread served 81 requests/s where two served 10 (see the README)."""
+    wait on the other thread: one thread served 81 requests/s where two served 10 (see docs/benchmarks.md)."""
     import os
 
     from gpt2ops.local_server import start_server

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """What each of TorchServe 0.12's two ways to keep a request open costs per iteration: the prototype behind
-the choice of `continuousBatching` over `asyncCommunication` (README, "Continuous batching").
+the choice of `continuousBatching` over `asyncCommunication` (docs/engine.md, "Continuous batching in TorchServe").
 
     .venv/bin/python -m benchmarks.ts_modes                 # 1 and 8 concurrent streams, 100 iterations each
 

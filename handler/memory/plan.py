@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from handler.engine.pool import PoolShape, pool_bytes
 
 MIB = 2**20
-DEFAULT_CONTEXT_MIB = 520.0  # H100, PyTorch 2.11, CUDA_MODULE_LOADING=LAZY (see the README's table)
+DEFAULT_CONTEXT_MIB = 520.0  # H100, PyTorch 2.11, CUDA_MODULE_LOADING=LAZY (a prediction until a GPU report measures it: docs/memory.md)
 ALLOCATOR_SLACK = 0.05  # the caching allocator rounds and fragments: a few percent over what is allocated
 # The workspace PyTorch allocates for cuBLAS on the first matmul and keeps (one per stream; the ledger
 # counts it in `other_allocated`): CUBLAS_WORKSPACE_CONFIG's default is 32 MiB on Hopper (sm90),

@@ -1,4 +1,4 @@
-"""The request fields, in one table: it drives request parsing, the operator's defaults and the README's table.
+"""The request fields, in one table: it drives request parsing, the operator's defaults and the request table of docs/api.md.
 
 Each `Field` says what JSON type a field takes, in which decoding modes it
 applies, how an operator's limit narrows its range, and whether an operator
@@ -8,8 +8,8 @@ may give it a default (`handler.defaults` in model-config.yaml). From the table:
   `RequestError` naming the first field at fault (400);
 - `defaults_from_config`: `handler.defaults` -> the `GenerationParams` that
   requests start from (a wrong default stops the worker, naming the key);
-- `markdown_rows`: the README's request table (tests/serving/test_fields.py
-  checks that the README shows exactly these rows).
+- `markdown_rows`: the request table of docs/api.md (tests/serving/test_fields.py
+  checks that the page shows exactly these rows).
 
 The ranges that hold for every worker live with `GenerationParams`
 (`handler.engine.params.RANGES`), which checks them wherever it is built;
@@ -78,9 +78,9 @@ Bound = Callable[[RequestLimits, int], float]  # (limits, vocabulary size) -> th
 @dataclass(frozen=True)
 class Field:
     name: str
-    type: str  # as the README shows it
+    type: str  # as docs/api.md shows it
     read: Callable[[str, Any, RequestLimits], Any]
-    doc: str  # the rule, as the README shows it ({limits.<name>} is filled in)
+    doc: str  # the rule, as docs/api.md shows it ({limits.<name>} is filled in)
     modes: tuple[str, ...] = DECODING_MODES  # the decodings it applies to
     sampling_only: bool = False  # applies only when the request samples
     bound: Bound | dict[str, Bound] | None = None  # an operator limit on the upper end (per mode when a dict)
@@ -204,7 +204,7 @@ def defaults_from_config(raw: Mapping[str, Any] | None, limits: RequestLimits) -
 
 
 def markdown_rows(defaults: GenerationParams, limits: RequestLimits) -> list[str]:
-    """The README's request table rows (`prompt` first), for `defaults` and `limits`."""
+    """The request table rows of docs/api.md (`prompt` first), for `defaults` and `limits`."""
     rows = [f"| `{PROMPT}` | string | required | not empty or whitespace; at most `max_prompt_tokens` "
             f"({limits.max_prompt_tokens}) tokens |"]
     for f in FIELDS:
@@ -214,7 +214,7 @@ def markdown_rows(defaults: GenerationParams, limits: RequestLimits) -> list[str
 
 
 def _shown(name: str, default: Any) -> str:
-    """A default as the README's table shows it."""
+    """A default as the request table of docs/api.md shows it."""
     if default is None:
         return "drawn" if name == "seed" else "the model's"
     if isinstance(default, bool):

@@ -513,9 +513,19 @@ def test_torchserve_runs_on_a_read_only_root_filesystem(model_store):
     [cache_mount] = [m["mountPath"] for m in container["volumeMounts"] if m["name"] == "compile-cache"]
     assert cache_mount.startswith("/home/")
     write_caches = " && ".join(f'mkdir -p "${key}" && touch "${key}/.rofs-check"' for key in sorted(caches))
-    setup = (f"set -e; mount --make-rprivate /; mount --bind {run} {run}; mount --bind {tmp} /tmp; "
+    # a checkout (and its .venv) under /tmp or /home would be hidden by the mounts over them: it is bound aside
+    # first and bound back, read-only, where it was (as the image's app folder is part of its read-only root)
+    hidden = [p for p in (REPO, Path(sys.prefix).resolve()) if any(p.is_relative_to(top) for top in ("/tmp", "/home"))]
+    hidden = [p for p in dict.fromkeys(hidden) if not any(p != q and p.is_relative_to(q) for q in hidden)]
+    stash = [base / f"hidden-{n}" for n in range(len(hidden))]
+    for d in stash:
+        d.mkdir()
+    set_aside = "".join(f"mount --bind {p} {d}; " for p, d in zip(hidden, stash))
+    bind_back = "".join(f"mkdir -p {p}; mount --bind {d} {p}; mount -o remount,bind,ro {p}; "
+                        for p, d in zip(hidden, stash))
+    setup = (f"set -e; mount --make-rprivate /; mount --bind {run} {run}; {set_aside}mount --bind {tmp} /tmp; "
              f"mount -t tmpfs -o size=1m tmpfs /home; mkdir -p {cache_mount}; mount --bind {cache} {cache_mount}; "
-             "mount -o remount,ro /home; mount -o remount,bind,ro /; "
+             f"{bind_back}mount -o remount,ro /home; mount -o remount,bind,ro /; "
              "if touch /var/tmp/.rofs-check 2>/dev/null; then echo '/ is writable' >&2; exit 1; fi; "
              "if touch /home/.rofs-check 2>/dev/null; then echo '/home is writable' >&2; exit 1; fi; "
              f"{write_caches}; "

@@ -20,7 +20,7 @@ from gpt2ops.client import read_keys
 from gpt2ops.expected import ExpectedAnswers
 from gpt2ops.local_server import script_env
 from tests.e2e.conftest import MODEL
-from tests.readme import README, REPO
+from tests.readme import REPO
 
 
 @pytest.fixture(scope="module")
@@ -202,15 +202,15 @@ def test_curl_get_models_and_get_completions(base_url, key):
     assert head.startswith("HTTP/1.1 404") and "no chat template" in json.loads(body)["error"]["message"]
 
 
-def test_the_readme_python_example_runs(server, base_url, key):
-    """The README's official-client example, as written, with the session server for `make run`'s."""
-    text = README.read_text(encoding="utf-8")
-    section = text[text.index("## OpenAI-compatible API"):]
-    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
-    code = code.replace("run/key_file.json", str(server.run_dir / "key_file.json"))
+@pytest.mark.parametrize("page", ["README.md", "docs/api.md"])
+def test_the_readme_python_example_runs(server, page, tmp_path):
+    """The official-client example of the README and docs/api.md, as written, with the session server for
+    `make run`'s: run from another directory, it finds the key by $RUN_DIR (make run's: this checkout's run/)."""
+    code = re.search(r"```python\n(.*?)```", (REPO / page).read_text(encoding="utf-8"), flags=re.S).group(1)
+    assert "openai.OpenAI(" in code and "key_file.json" not in code
     code = code.replace("http://127.0.0.1:8080", server.client.inference_url)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env=script_env())
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**script_env(), "RUN_DIR": str(server.run_dir)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip(), "the example printed nothing"
 

@@ -1,4 +1,4 @@
-"""The request-field table: it is the README's table, and every field in it is parsed by the table's rules."""
+"""The request-field table: it is docs/api.md's table, and every field in it is parsed by the table's rules."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tests.readme import table_rows
 
 
 def readme_request_rows() -> list[str]:
-    return table_rows("| field | type | default | range / rule |")
+    return table_rows("| field | type | default | range / rule |", "api.md")
 
 
 def test_the_readme_table_is_the_field_table_with_the_shipped_config():

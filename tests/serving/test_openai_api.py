@@ -441,3 +441,4 @@ def test_the_docs_table_lists_the_fields_the_code_knows_with_the_shipped_config(
     assert f"(`{defaults.decoding}`)" in rows["temperature"]
     assert f"at most {limits.max_stop_strings} strings of 1 … {limits.max_stop_length} characters" in rows["stop"]
     assert f"`limits.max_choices` ({limits.max_choices}," in rows["n"]
+

@@ -48,7 +48,7 @@ write_keys() {
         printf '"~^(?i:bearer) +%s$" 1;\n' "$(printf '%s' "$key" | sed 's/[.+]/[&]/g')" >>"$keys"
         count=$((count + 1))
     done
-    [ "$count" -gt 0 ] || die "no key in $KEY_DIR: create the Secret (see README, Scaling out on Kubernetes)"
+    [ "$count" -gt 0 ] || die "no key in $KEY_DIR: create the Secret (see docs/kubernetes.md, step 2)"
     echo "proxy.sh: $count key(s) accepted" >&2
 }
 
