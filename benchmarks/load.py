@@ -158,9 +158,12 @@ class RunResult:
               if o.tokens is not None and (not short_only or b["max_new_tokens"] <= SHORT)]
         return percentile(xs, q)
 
+    def ttft_samples_ms(self) -> list[float]:
+        """Time to first token of each streamed request that got one."""
+        return [1000 * (o.first_token_at - o.sent_at) for o in self.outcomes if o.first_token_at is not None]
+
     def ttft_ms(self, q: float) -> float:
-        return percentile([1000 * (o.first_token_at - o.sent_at) for o in self.outcomes
-                           if o.first_token_at is not None], q)
+        return percentile(self.ttft_samples_ms(), q)
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -303,10 +306,6 @@ def sweep_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def ttft_samples_ms(result: RunResult) -> list[float]:
-    return [1000 * (o.first_token_at - o.sent_at) for o in result.outcomes if o.first_token_at is not None]
-
-
 def rates(text: str) -> list[float]:
     values = [float(x) for x in text.split(",") if x.strip()]
     if not values or any(v <= 0 for v in values):
@@ -369,7 +368,7 @@ def main(argv=None) -> int:
                         result = high[name] if rate == args.rate else RunResult(
                             name, high_bodies, run_open_loop(server.client, name, high_bodies, rate), want_high)
                         sweep.append(sweep_row(result, rate))
-                        ttft_at_highest[name] = ttft_samples_ms(result)  # the rates go up: the last is the highest
+                        ttft_at_highest[name] = result.ttft_samples_ms()  # the rates go up: the last is the highest
         finally:
             server.stop()
     print(f"# load test on {platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or 'cpu'}), "
