@@ -75,7 +75,8 @@ fi
 need torchserve "run make venv (it installs torchserve==0.12.0 into .venv), or install requirements-serve.txt"
 need java "TorchServe's frontend needs Java 17 (e.g. apt-get install openjdk-17-jre-headless)"
 # The frontend starts from <run-dir>/frontend, rebuilt read-only at each start with nothing but TorchServe
-# 0.12.0's Model.class corrected so that a customized describe cannot wedge the model, and key_file.json
+# 0.12.0's Model.class and WorkerThread.class corrected (a customized describe cannot wedge the model; a
+# worker that dies between two calls no longer drops its open jobs), and key_file.json
 # (a link to <run-dir>/key_file.json): Java's class path begins with the working directory
 # (gpt2ops/frontend_patch.py; docs/engine.md, Traps). Refuses to start with any other TorchServe.
 FRONTEND_DIR="$(PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$OPS_PYTHON" -m gpt2ops.frontend_patch --run-dir "$RUN_DIR")" \

@@ -1,7 +1,9 @@
 """Jobs left open by a worker that died between two iterations (TorchServe 0.12.0, continuous batching).
 
-When a worker dies while the frontend waits between two calls, `BatchAggregator.sendError(null, ...)`
-puts the jobs it had open back at the head of the model's queue, still marked as cached: the restarted
+When a worker dies while the frontend is between two calls, TorchServe 0.12.0 drops the jobs it had open
+(`WorkerThread.run` answers only a call in flight, then `cleanJobs()`). The frontend that
+`scripts/serve.sh` starts is corrected (gpt2ops/frontend_patch.py): `BatchAggregator.sendError(null, ...)`
+puts those jobs back at the head of the model's queue, still marked as cached, and the restarted
 worker gets them with their headers only, no body. Their clients already have a 200 status line (sent
 with their first chunk), so they must get a last line that ends the body (`ts_stream_next: false`);
 anything else leaves them waiting for a body that never ends.

@@ -50,12 +50,15 @@ class EngineRequests:
 
     def _fault(self, headers: Mapping[str, Any]) -> Callable[[], None] | None:
         """Tests only (`handler.fault_injection`): "X-Fault-Injection: oom" fails the request's prefill;
-        "exit-soon" ends the worker process EXIT_AFTER_S after the prefill (a worker dying while the
-        frontend waits between two iterations, when its maxBatchDelay is long: tests/e2e/test_traps.py)."""
+        "exit-soon" ends the worker process EXIT_AFTER_S after the prefill (it dies during an iteration);
+        "exit-after-answer" ends it right after it sent the answers of the call that prefilled the request (it
+        dies between two iterations: `exit_after_next_answer`; tests/e2e/test_traps.py)."""
         if not self.settings.fault_injection:
             return None
         if header(headers, FAULT_HEADER) == "exit-soon":
             return lambda: threading.Timer(EXIT_AFTER_S, os._exit, (1,)).start()
+        if header(headers, FAULT_HEADER) == "exit-after-answer":
+            return exit_after_next_answer
         if header(headers, FAULT_HEADER) != "oom":
             return None
 
@@ -79,3 +82,21 @@ class EngineRequests:
                                    "fail-after-first-chunk)")
 
         return fail_after_first_look
+
+
+def exit_after_next_answer() -> None:
+    """Tests only: end this worker process as soon as it has sent its next message to the frontend (the answers
+    of the call now running). The frontend reads the answers, then the closed connection: its worker thread is
+    between two iterations when it learns of the death, so it keeps the jobs it had open (TorchServe 0.12.0's
+    `WorkerThread.run` answers only the call in flight) and gives them to the restarted worker
+    (handler.serving.orphans)."""
+    import socket
+
+    send = socket.socket.sendall
+
+    def sendall_then_exit(sock, data, *args):
+        send(sock, data, *args)
+        sock.shutdown(socket.SHUT_RDWR)  # the frontend sees the end now, not after the process's memory is torn down
+        os._exit(1)
+
+    socket.socket.sendall = sendall_then_exit

@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from gpt2ops.client import read_keys, read_properties
-from gpt2ops.frontend_patch import CLASS_ENTRY, FRONTEND_DIR, KEY_FILE, installed_jar
+from gpt2ops.frontend_patch import CLASS_ENTRY, CORRECTIONS, FRONTEND_DIR, KEY_FILE, installed_jar
 from gpt2ops.local_server import start_server
 from gpt2ops.serverctl import frontend
 from tests.e2e.conftest import MODEL
@@ -105,13 +105,13 @@ def test_the_package_client_never_asks_for_the_customized_describe_by_default(pl
     assert predict_within(planted.client)["completion_tokens"] >= 1
 
 
-def test_the_frontend_starts_from_a_read_only_folder_holding_only_the_corrected_class(planted):
+def test_the_frontend_starts_from_a_read_only_folder_holding_only_the_corrected_classes(planted):
     proc = frontend(planted.run_dir)
     assert proc is not None
     cwd = planted.run_dir / FRONTEND_DIR
     assert proc.cwd() == str(cwd)
     files = sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*") if not p.is_dir())
-    assert files == sorted([CLASS_ENTRY, KEY_FILE]), files
+    assert files == sorted([*(fix.entry for fix in CORRECTIONS), KEY_FILE]), files
     assert (cwd / KEY_FILE).resolve() == planted.run_dir / KEY_FILE
     for path in [cwd, *cwd.rglob("*")]:
         if not path.is_symlink():

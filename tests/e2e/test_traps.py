@@ -1,11 +1,12 @@
 """TorchServe 0.12.0's continuous-batching traps, on the real server (docs/engine.md, Traps).
 
-A worker that dies between two iterations: the frontend puts the jobs it had open back in the queue as
-cached jobs (no body) and the restarted worker gets them (handler.serving.orphans). Each open client
-must be answered within a bounded time: a last line with the error, ending its body cleanly.
-Known gap: in its first run the death fell during an iteration (connections reset, also bounded), so
-this test bounds the time but does not yet prove that the between-iterations path was taken.
-"""
+A worker that dies between two iterations: 0.12.0's `WorkerThread` answers only the call in flight and
+drops the other open jobs, whose clients (a 200 and half a stream) then wait for ever. With the frontend
+as `scripts/serve.sh` starts it (gpt2ops/frontend_patch.py), the open jobs go back to the model's queue
+and the restarted worker answers each with an error line that ends its body (handler.serving.orphans).
+The fault `exit-after-answer` takes that path every time: the worker sends its answers and ends its
+connection at once, so the frontend learns of the death with no call in flight. The fault `exit-soon`
+kills the worker during an iteration, the other path: the frontend answers the call's jobs itself."""
 
 from __future__ import annotations
 
@@ -24,10 +25,9 @@ from gpt2ops.local_server import build_archive, model_config
 from tests.e2e.conftest import MODEL
 
 GAP_MODEL = "tiny-gap"
-# short iterations (more of the worker's time between two of them) and a long maxBatchDelay aim the worker's
-# death (0.3 s after the faulty request's prefill) between two iterations
 GAP_CONFIG = {"fault_injection": True, "maxBatchDelay": 500, "iteration_ms": 2}
-ANSWERED_WITHIN_S = 45  # the worker's restart and load, with room for a loaded 2-core machine
+ANSWERED_WITHIN_S = 75  # the worker's restart and load (39 s measured on a 2-core machine shared by 4 sessions)
+CLIENT_TIMEOUT_S = 150  # a client left waiting shows as a timeout well past ANSWERED_WITHIN_S
 OPENAI = f"{MODEL}/1.0/v1/completions"
 MOST_NEW_TOKENS = 480  # the tiny model has 512 positions: the open requests must outlive the killer's 0.3 s
 
@@ -47,7 +47,7 @@ def _collect(client, path: str, body: dict, headers: dict | None = None,
     start = time.monotonic()
     chunks = []
     try:
-        r = requests.post(f"{client.inference_url}/predictions/{path}", json=body, stream=True, timeout=90,
+        r = requests.post(f"{client.inference_url}/predictions/{path}", json=body, stream=True, timeout=CLIENT_TIMEOUT_S,
                           headers={"Authorization": f"Bearer {client.key('inference')}", **(headers or {})})
         for chunk in r.iter_content(chunk_size=None):
             chunks.append(chunk)
@@ -61,7 +61,8 @@ def _collect(client, path: str, body: dict, headers: dict | None = None,
             started.set()
 
 
-def test_a_worker_dying_between_two_iterations_answers_every_open_client(server, gap_model):
+@pytest.mark.parametrize("fault", ["exit-after-answer", "exit-soon"])
+def test_a_worker_dying_between_or_during_iterations_answers_every_open_client(server, gap_model, fault):
     client = server.client
     [worker] = server.workers(gap_model)
     most = min(MOST_NEW_TOKENS, client.report(gap_model)["max_new_tokens_within_timeout"])
@@ -78,16 +79,19 @@ def test_a_worker_dying_between_two_iterations_answers_every_open_client(server,
         for (path, body), started in zip(requests_, first_chunks):
             if body.get("stream"):  # the streams have begun, so all three are open (the unstreamed one went first)
                 assert started.wait(60), f"{path}: no first chunk"
-        killer = pool.submit(_collect, client, gap_model, {"prompt": "死", **long}, {"X-Fault-Injection": "exit-soon"})
+        killer = pool.submit(_collect, client, gap_model, {"prompt": "死", **long}, {"X-Fault-Injection": fault})
         results = [f.result() for f in futures]
         killer.result()
+    print(f"\nworker died ({fault}):", [(path, status, round(seconds, 2), text[-120:])
+                                       for (status, text, seconds), (path, _) in zip(results, requests_)])
     for (status, text, seconds), (path, _) in zip(results, requests_):
-        assert seconds < ANSWERED_WITHIN_S, (path, seconds, text[-300:])
-        assert status in (200, 500, 503, 507, None), (path, status, text[-300:])
-        if status == 200:  # answered: its body ends with the error line (native) or the error event and [DONE]
-            assert "worker serving this request died" in text or "died" in text, (path, text[-300:])
-    print("\nworker died between two iterations:", [(path, status, round(seconds, 2), text[-120:])
-                                                   for (status, text, seconds), (path, _) in zip(results, requests_)])
+        assert seconds < ANSWERED_WITHIN_S, (path, seconds, text[-300:])  # nobody waits until its own timeout
+        if fault == "exit-after-answer":  # between two iterations: the restarted worker ends each body cleanly
+            assert status == 200, (path, status, text[-300:])
+            assert "the worker serving this request died" in text, (path, text[-300:])
+            assert text.endswith("data: [DONE]\n\n" if "/v1/" in path else "retry it\"}\n"), (path, text[-300:])
+        else:  # during an iteration: the frontend's own error, or the connection cut mid-stream
+            assert status in (200, 500, 503, 507, None), (path, status, text[-300:])
     deadline = time.monotonic() + ANSWERED_WITHIN_S
     while server.workers(gap_model)[0]["pid"] == worker["pid"] and time.monotonic() < deadline:
         time.sleep(0.5)  # the frontend restarts the worker
