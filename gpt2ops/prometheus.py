@@ -118,7 +118,7 @@ class Prometheus:
 
     def query_range(self, expr: str, start: float, end: float, step_s: float = 1.0) -> list[dict]:
         return self._get("query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}",
-                         step=f"{step_s}s")["result"]
+                         step=f"{step_s:g}")["result"]
 
     def series(self, match: str, start: float | None = None, end: float | None = None) -> list[dict]:
         params = {"match[]": match}
