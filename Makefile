@@ -44,12 +44,15 @@ $(BIN)/.installed: requirements.txt requirements-k8s-test.txt pyproject.toml
 	touch $@
 
 # Debian's nginx and envsubst, for the end-to-end test of the Kubernetes pod's auth proxy
-# (tests/e2e/test_k8s_auth_proxy.py). Installed only when missing; as root here and on CI, else with sudo.
+# (tests/e2e/test_k8s_auth_proxy.py), and Debian's prometheus (2.42), which the metrics test runs on loopback
+# (tests/e2e/test_prometheus.py; the package's own service is not needed and, without systemd, not started).
+# Installed only when missing; as root here and on CI, else with sudo.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 system-packages:
-	@if [ -x /usr/sbin/nginx ] && command -v envsubst >/dev/null; then :; else \
+	@if [ -x /usr/sbin/nginx ] && command -v envsubst >/dev/null && [ -x /usr/bin/prometheus ]; then :; else \
 	  $(SUDO) apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx gettext-base; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx gettext-base \
+	    prometheus; \
 	fi
 
 venv: $(BIN)/.installed system-packages
