@@ -83,26 +83,36 @@ def api_of(url_path: str, openai_prefix: str = "v1") -> str:
 class Sink(Protocol):
     def emit(self, name: str, value: float, unit: str, kind: str, labels: dict[str, str]) -> None: ...
 
+    def commit(self) -> None: ...  # write what was emitted since the last commit
+
 
 class TorchServeSink:
-    """Writes each update as TorchServe's worker writes its metrics (`CachingMetric`: one `[METRICS]` log line),
-    with the `ModelName` and `Level` labels TorchServe's own backend metrics carry. `kind`: COUNTER or GAUGE.
+    """Writes updates as TorchServe's worker writes its metrics, one `[METRICS]` line each (the format of
+    `ts.metrics.caching_metric.CachingMetric.emit_metrics`, which the frontend's parser reads; `kind`: COUNTER or
+    GAUGE), with the `ModelName` and `Level` labels TorchServe's own backend metrics carry. Lines are written
+    together at `commit`, as one log record: the worker logs bare messages to its stdout
+    (`ts/model_service_worker.py`: format "%(message)s") and the frontend matches each line that starts with
+    `[METRICS]`, so a record of many lines costs one logging call instead of one per line.
     A name keeps the label names (and their order) of its first line: the frontend's collector has them."""
 
+    LOGGER = logging.getLogger("ts.metrics.caching_metric")  # where TorchServe's own metric lines come from
+
     def __init__(self, model_name: str):
-        self.model_name = model_name
-        self._metrics: dict[tuple[str, tuple[str, ...]], object] = {}
+        import socket
+
+        self.tail = f"ModelName:{model_name},Level:Model"
+        self.hostname = socket.gethostname()
+        self.pending: list[str] = []
 
     def emit(self, name: str, value: float, unit: str, kind: str, labels: dict[str, str]) -> None:
-        from ts.metrics.caching_metric import CachingMetric
-        from ts.metrics.metric_type_enum import MetricTypes
+        dims = ",".join([*(f"{k}:{v}" for k, v in labels.items()), self.tail])
+        self.pending.append(f"[METRICS]{name}.{unit}:{value}|#{dims}|#type:{kind}|#hostname:{self.hostname},"
+                            f"{int(time.time())}")
 
-        key = (name, tuple(labels))
-        metric = self._metrics.get(key)
-        if metric is None:
-            metric = self._metrics[key] = CachingMetric(name, unit, [*labels, "ModelName", "Level"],
-                                                        MetricTypes[kind])
-        metric.add_or_update(value, [*labels.values(), self.model_name, "Model"])
+    def commit(self) -> None:
+        if self.pending:
+            lines, self.pending = self.pending, []
+            self.LOGGER.info("\n".join(lines))
 
 
 def _number(value: float) -> float | int:
@@ -196,9 +206,12 @@ class ServingMetrics:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the thread (after its current publication); `start` may start it again."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self._thread = None
+        self._stop.clear()
 
     def _run(self) -> None:
         failures = 0
@@ -253,6 +266,7 @@ class ServingMetrics:
                 self.gauges[key] = value
                 self._emit(name, value, "count", "GAUGE", labels)
                 written += 1
+        self.sink.commit()
         return written
 
     def _take(self, ended) -> None:
@@ -316,6 +330,7 @@ def publish_memory(sink: Sink, device, report: dict) -> None:
         if value is not None:
             sink.emit(PREFIX + "worker_memory_bytes", _number(round(value * 2 ** 20)), "bytes", "GAUGE",
                       {"device": str(device), "part": part})
+    sink.commit()
 
 
 def decode_step_outcome(report) -> dict:
@@ -343,4 +358,5 @@ def publish_decode_step(sink: Sink, report) -> dict:
     sink.emit(PREFIX + "decode_step_info", 1, "count", "GAUGE",
               {"path": report.path, "setting": report.setting, "fell_back": str(outcome["fell_back"]).lower(),
                "cause": outcome["cause"]})
+    sink.commit()
     return outcome

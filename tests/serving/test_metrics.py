@@ -40,8 +40,8 @@ class Sink:
             return None
         return total if kind == "COUNTER" else last
 
-    def names(self) -> set[str]:
-        return {line[0] for line in self.lines}
+    def commit(self):
+        pass
 
 
 def engine(tokens=0, in_use=0, waiting=0, running=(), path="eager"):
@@ -158,7 +158,11 @@ def test_torchserve_sink_writes_lines_the_frontend_parses(caplog):
         sink.emit("gpt2_requests_finished_total", 1, "requests", "COUNTER", {"api": "openai", "finish_reason": "eos"})
         sink.emit("gpt2_time_to_first_token_seconds_sum", 0.012345, "seconds", "COUNTER", {})
         sink.emit("gpt2_slots_in_use", 2, "count", "GAUGE", {})
-    lines = [r.getMessage().removeprefix("[METRICS]") for r in caplog.records if "[METRICS]" in r.getMessage()]
+        assert not caplog.records  # nothing until commit
+        sink.commit()
+    [record] = caplog.records  # one record, a line per update
+    lines = [line.removeprefix("[METRICS]") for line in record.getMessage().split("\n")]
+    assert all(line.startswith("[METRICS]") for line in record.getMessage().split("\n"))
     parsed = [FRONTEND_PATTERN.fullmatch(line) for line in lines]
     assert all(parsed), lines
     assert [(m[1], m[3], m[6]) for m in parsed] == [
@@ -167,6 +171,18 @@ def test_torchserve_sink_writes_lines_the_frontend_parses(caplog):
     assert parsed[0][4] == "le:+Inf,ModelName:tiny-gpt2,Level:Model"
     assert parsed[1][4] == "api:openai,finish_reason:eos,ModelName:tiny-gpt2,Level:Model"
     assert parsed[2][10] is None  # no request ids: the line is the same whichever requests are in flight
+    # the same line as TorchServe's own CachingMetric writes for it
+    from ts.metrics.caching_metric import CachingMetric
+    from ts.metrics.metric_type_enum import MetricTypes
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ts.metrics"):
+        CachingMetric("gpt2_slots_in_use", "tokens", ["ModelName", "Level"], MetricTypes.GAUGE).add_or_update(
+            2, ["tiny-gpt2", "Model"])
+        sink.emit("gpt2_slots_in_use", 2, "tokens", "GAUGE", {})
+        sink.commit()
+    theirs, ours = (r.getMessage() for r in caplog.records)
+    assert theirs.rsplit(",", 1)[0] == ours.rsplit(",", 1)[0]  # all but the time stamp
 
 
 @pytest.mark.parametrize("path,api", [("", "native"), ("v1/completions", "openai"),
