@@ -18,6 +18,9 @@
 #            pulled; prints build time, image size, cold start to the first answer and the stop time. Needs root
 #            (Debian's docker.io and debootstrap are installed when missing) and ~15 GB of disk; not part of make test
 # make quality  repetition and diversity of each decoding mode on the tiny model (benchmarks/quality.py)
+# make dashboard  the Grafana dashboard's picture (docs/images/dashboard.png) drawn from its own queries against a
+#            real Prometheus scraping a fresh server under a minute of load, and the figures behind the alerts
+#            (scripts/dashboard_preview.py; docs/metrics.md)
 # make soak  20,000 mixed requests (hang-ups and bad ones included) against a fresh server, the worker's memory
 #            and open files sampled (benchmarks/soak.py; CI runs 3,000 in tests/e2e/test_soak.py)
 PYTHON ?= python3
@@ -34,7 +37,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: keys renew-keys image image-test image-packages image-check mutants fuzz run stop test venv model archive serve register query bench bench-hf quality soak clean system-packages gpu-wheels gpu-report
+.PHONY: dashboard keys renew-keys image image-test image-packages image-check mutants fuzz run stop test venv model archive serve register query bench bench-hf quality soak clean system-packages gpu-wheels gpu-report
 
 $(BIN)/.installed: requirements.txt requirements-k8s-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -128,6 +131,9 @@ quality: model
 
 soak: venv
 	$(BIN)/python -m benchmarks.soak
+
+dashboard: venv model
+	$(BIN)/python scripts/dashboard_preview.py --out docs/images/dashboard.png
 
 # transformers 4.55.4, the last release with contrastive search in its core, as the baseline
 .venv-hf/bin/.installed:
