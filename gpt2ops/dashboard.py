@@ -80,7 +80,7 @@ def render(dashboard: dict, results: dict[tuple[str, str], list[dict]], out: Pat
         ax.axis("off")
     fig.suptitle(f"{dashboard['title']}: each panel's queries against Prometheus{(' - ' + note) if note else ''}",
                  fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
     plt.close(fig)

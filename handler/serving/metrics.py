@@ -39,6 +39,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from bisect import bisect_left
 from collections import deque
 from typing import Callable, Iterable, Protocol
@@ -202,7 +203,11 @@ class ServingMetrics:
     # ---- the publishing thread's side ----
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="serving-metrics", daemon=True)
+        """Publish every `interval` from a daemon thread, until `stop` or until nothing else holds this object
+        (the thread keeps only a weak reference: a handler that is dropped takes its metrics and thread along)."""
+        self._thread = threading.Thread(target=_publish_while_alive, args=(weakref.ref(self), self._stop,
+                                                                           self.interval),
+                                        name="serving-metrics", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -212,16 +217,6 @@ class ServingMetrics:
             self._thread.join(timeout=5)
         self._thread = None
         self._stop.clear()
-
-    def _run(self) -> None:
-        failures = 0
-        while not self._stop.wait(self.interval):
-            try:
-                self.flush()
-            except Exception:  # noqa: BLE001 - metrics must never end the worker; said a few times, not each second
-                failures += 1
-                if failures <= 3 or failures % 600 == 0:
-                    logger.exception("publishing the serving metrics failed (%d times)", failures)
 
     def flush(self) -> int:
         """Publish what changed since the last call; returns the number of lines written."""
@@ -307,6 +302,21 @@ class ServingMetrics:
 
     def _emit(self, name: str, value: float, unit: str, kind: str, labels: dict[str, str]) -> None:
         self.sink.emit(name, _number(value), unit, kind, labels)
+
+
+def _publish_while_alive(ref, stop: threading.Event, interval: float) -> None:
+    failures = 0
+    while not stop.wait(interval):
+        metrics = ref()
+        if metrics is None:
+            return
+        try:
+            metrics.flush()
+        except Exception:  # noqa: BLE001 - metrics must never end the worker; said a few times, not each second
+            failures += 1
+            if failures <= 3 or failures % 600 == 0:
+                logger.exception("publishing the serving metrics failed (%d times)", failures)
+        del metrics
 
 
 # ---- once at start ----

@@ -145,6 +145,19 @@ def test_the_thread_publishes_without_the_loop(monkeypatch):
     assert sink.value("gpt2_requests_finished_total", api="native", finish_reason="length") == 1
 
 
+def test_the_thread_ends_with_its_metrics():
+    """A dropped handler (a test module's, say) must not keep its engine alive through its publishing thread."""
+    import gc
+
+    metrics = ServingMetrics(engine(), Sink(), interval=0.01)
+    metrics.start()
+    thread = metrics._thread
+    del metrics
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+
+
 # The frontend's parser (TorchServe 0.12.0, frontend/server/.../metrics/Metric.java): a line it does not match
 # is dropped with an error in its log.
 FRONTEND_PATTERN = re.compile(r"\s*([\w\s]+)\.([\w\s]+):([0-9\-,.e]+)\|#([^|]*)(\|#type:([^|,]+))?"
