@@ -70,7 +70,6 @@ BUCKETS: dict[str, tuple[float, ...]] = {
     "request_prompt_tokens": _TOKENS,
     "request_generation_tokens": _TOKENS,
 }
-UNITS = {"seconds": "seconds", "tokens": "tokens"}
 
 
 def api_of(url_path: str, openai_prefix: str = "v1") -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,10 +40,42 @@ def prom(server, tmp_path_factory):
     metrics = read_properties(server.config)["metrics_address"].split("//", 1)[1]
     p = prometheus.Prometheus(tmp_path_factory.mktemp("prometheus"), metrics).start()
     try:
-        assert p.wait_for("count(gpt2_slots)", lambda v: v >= 1, timeout_s=60) == 1, p.log()
+        assert Ours(p).wait_for("count(gpt2_slots)", lambda v: v >= 1, timeout_s=60) == 1, p.log()
         yield p
     finally:
         p.stop()
+
+
+_SELECTOR = re.compile(r"\b(gpt2_\w+|ts_queue_latency_microseconds)(\{([^}]*)\})?")
+
+
+def mine(expr: str) -> str:
+    """`expr` narrowed to this module's model: the session's TorchServe has other models registered by other
+    tests (each with its own series), idle while this test runs."""
+    def narrow(m: re.Match) -> str:
+        label = "model_name" if m[1].startswith("ts_") else "ModelName"
+        return f'{m[1]}{{{label}="{MODEL}"{"," + m[3] if m[3] else ""}}}'
+
+    return _SELECTOR.sub(narrow, expr)
+
+
+class Ours:
+    """The Prometheus API with every query narrowed to this module's model (`mine`)."""
+
+    def __init__(self, prom: prometheus.Prometheus):
+        self.prom = prom
+
+    def value(self, expr: str, at: float | None = None):
+        return self.prom.value(mine(expr), at)
+
+    def query(self, expr: str, at: float | None = None):
+        return self.prom.query(mine(expr), at)
+
+    def query_range(self, expr: str, start: float, end: float):
+        return self.prom.query_range(mine(expr), start, end)
+
+    def wait_for(self, expr: str, predicate, timeout_s: float = 30):
+        return self.prom.wait_for(mine(expr), predicate, timeout_s)
 
 
 @dataclass
@@ -137,9 +170,13 @@ class Run:
     load_end: float
     cancelled_prompt_tokens: int
 
+    @property
+    def ours(self) -> Ours:
+        return Ours(self.prom)
+
     def delta(self, expr: str) -> float:
-        """How much sum(expr) grew over the load (exact: two instant queries)."""
-        at = [self.prom.value(f"sum({expr})", at=t) for t in (self.before, self.after)]
+        """How much sum(expr) grew over the load (exact: two instant queries), for this module's model."""
+        at = [self.ours.value(f"sum({expr})", at=t) for t in (self.before, self.after)]
         return (at[1] or 0.0) - (at[0] or 0.0)
 
     def served(self) -> list[Sent]:
@@ -149,7 +186,8 @@ class Run:
 @pytest.fixture(scope="module")
 def run(prom, server, tokenizer):
     idle = "sum(gpt2_slots_in_use) + sum(gpt2_requests_waiting)"
-    assert prom.wait_for(idle, lambda v: v == 0, timeout_s=60) == 0
+    ours = Ours(prom)
+    assert ours.wait_for(idle, lambda v: v == 0, timeout_s=60) == 0
     time.sleep(3)  # the worker's last publication (every second) and a scrape after it
     before = time.time()
     time.sleep(1.5)
@@ -164,8 +202,8 @@ def run(prom, server, tokenizer):
     expected = sum(1 for s in done if s.status == 200)  # the one that left counts (as cancelled)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        now = prom.value(f"sum(gpt2_requests_finished_total) - sum(gpt2_requests_finished_total @ {before:.3f})")
-        if now is not None and now >= expected and prom.value(idle) == 0:
+        now = ours.value(f"sum(gpt2_requests_finished_total) - sum(gpt2_requests_finished_total @ {before:.3f})")
+        if now is not None and now >= expected and ours.value(idle) == 0:
             break
         time.sleep(0.5)
     time.sleep(2.5)  # the gauges' last values and one more scrape
@@ -250,28 +288,28 @@ def test_ttft_quantiles_lie_within_what_the_clients_measured(run):
     lowest = _bucket(firsts[0], bounds)[0]
     below = max([b for b in (0.0, *bounds) if b < lowest], default=0.0)
     for q in (0.5, 0.9, 0.99):
-        got = run.prom.value(f"histogram_quantile({q}, {increase})")
+        got = run.ours.value(f"histogram_quantile({q}, {increase})")
         client = firsts[min(len(firsts) - 1, int(q * len(firsts)))]
         assert below <= got <= _bucket(client, bounds)[1], (q, got, firsts)
-    assert run.prom.value(f"histogram_quantile(0.5, {increase})") <= \
-        run.prom.value(f"histogram_quantile(0.99, {increase})")
+    assert run.ours.value(f"histogram_quantile(0.5, {increase})") <= \
+        run.ours.value(f"histogram_quantile(0.99, {increase})")
 
 
 def test_gauges_and_the_series_published_at_start(run, server):
     report = server.client.report(MODEL)
     pool = report["pool"]
-    assert run.prom.value("sum(gpt2_slots)") == pool["max_slots"]
-    assert run.prom.value("sum(gpt2_kv_positions)") == pool["max_slots"] * pool["max_len"]
-    assert run.prom.value("sum(gpt2_slots_in_use)") == run.prom.value("sum(gpt2_kv_positions_in_use)") == 0
-    assert run.prom.value("sum(gpt2_requests_waiting)") == 0
-    paths = {r["metric"]["path"]: float(r["value"][1]) for r in run.prom.query("gpt2_decode_step_path")}
+    assert run.ours.value("sum(gpt2_slots)") == pool["max_slots"]
+    assert run.ours.value("sum(gpt2_kv_positions)") == pool["max_slots"] * pool["max_len"]
+    assert run.ours.value("sum(gpt2_slots_in_use)") == run.ours.value("sum(gpt2_kv_positions_in_use)") == 0
+    assert run.ours.value("sum(gpt2_requests_waiting)") == 0
+    paths = {r["metric"]["path"]: float(r["value"][1]) for r in run.ours.query("gpt2_decode_step_path")}
     assert set(paths) == set(STEP_PATHS) and paths[report["decode_step"]["live"]] == 1 and sum(paths.values()) == 1
-    [info] = run.prom.query("gpt2_decode_step_info")
+    [info] = run.ours.query("gpt2_decode_step_info")
     assert info["metric"]["path"] == report["decode_step"]["path"]
-    parts = {r["metric"]["part"]: float(r["value"][1]) for r in run.prom.query("gpt2_worker_memory_bytes")}
+    parts = {r["metric"]["part"]: float(r["value"][1]) for r in run.ours.query("gpt2_worker_memory_bytes")}
     assert parts["slot_pool"] == pytest.approx(report["memory"]["slot_pool_mib"] * 2 ** 20, rel=0.01)
     # during the load the slots filled and TorchServe's queue held the rest (16 requests, 8 slots)
-    in_use = run.prom.query_range("sum(gpt2_slots_in_use)", run.load_start, run.load_end + 2)
+    in_use = run.ours.query_range("sum(gpt2_slots_in_use)", run.load_start, run.load_end + 2)
     assert max(float(v) for _, v in in_use[0]["values"]) >= 1
     assert run.delta("ts_queue_latency_microseconds") > 0
     # every series carries the pod's labels, as the adapter needs
