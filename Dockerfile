@@ -101,7 +101,7 @@ RUN useradd --create-home --uid 1000 --user-group --shell /usr/sbin/nologin ts
 # restart that finds the cache compiles in seconds. VOLUME makes `docker run` give it an anonymous volume;
 # name one to keep it across containers (-v gpt2-compile-cache:/home/ts/.cache/compile); the Kubernetes
 # overlays mount an emptyDir named compile-cache there. Without a writable cache the compiled step falls back
-# to eager, with a WARNING and the cause in the model's describe report and the DecodeStep metric.
+# to eager, with a WARNING and the cause in the model's describe report and the gpt2_decode_step_info metric.
 RUN mkdir -p /home/ts/.cache/compile/inductor /home/ts/.cache/compile/triton \
     && chown -R 1000:1000 /home/ts/.cache
 VOLUME ["/home/ts/.cache/compile"]

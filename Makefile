@@ -18,6 +18,9 @@
 #            pulled; prints build time, image size, cold start to the first answer and the stop time. Needs root
 #            (Debian's docker.io and debootstrap are installed when missing) and ~15 GB of disk; not part of make test
 # make quality  repetition and diversity of each decoding mode on the tiny model (benchmarks/quality.py)
+# make dashboard  the Grafana dashboard's picture (docs/images/dashboard.png) drawn from its own queries against a
+#            real Prometheus scraping a fresh server under a minute of load, and the figures behind the alerts
+#            (scripts/dashboard_preview.py; docs/metrics.md)
 # make soak  20,000 mixed requests (hang-ups and bad ones included) against a fresh server, the worker's memory
 #            and open files sampled (benchmarks/soak.py; CI runs 3,000 in tests/e2e/test_soak.py)
 PYTHON ?= python3
@@ -34,7 +37,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: keys renew-keys image image-test image-packages image-check mutants fuzz run stop test venv model archive serve register query bench bench-hf quality soak clean system-packages gpu-wheels gpu-report
+.PHONY: dashboard keys renew-keys image image-test image-packages image-check mutants fuzz run stop test venv model archive serve register query bench bench-hf quality soak clean system-packages gpu-wheels gpu-report
 
 $(BIN)/.installed: requirements.txt requirements-k8s-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,12 +47,15 @@ $(BIN)/.installed: requirements.txt requirements-k8s-test.txt pyproject.toml
 	touch $@
 
 # Debian's nginx and envsubst, for the end-to-end test of the Kubernetes pod's auth proxy
-# (tests/e2e/test_k8s_auth_proxy.py). Installed only when missing; as root here and on CI, else with sudo.
+# (tests/e2e/test_k8s_auth_proxy.py), and Debian's prometheus (2.42), which the metrics test runs on loopback
+# (tests/e2e/test_prometheus.py; the package's own service is not needed and, without systemd, not started).
+# Installed only when missing; as root here and on CI, else with sudo.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 system-packages:
-	@if [ -x /usr/sbin/nginx ] && command -v envsubst >/dev/null; then :; else \
+	@if [ -x /usr/sbin/nginx ] && command -v envsubst >/dev/null && [ -x /usr/bin/prometheus ]; then :; else \
 	  $(SUDO) apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx gettext-base; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx gettext-base \
+	    prometheus; \
 	fi
 
 venv: $(BIN)/.installed system-packages
@@ -125,6 +131,9 @@ quality: model
 
 soak: venv
 	$(BIN)/python -m benchmarks.soak
+
+dashboard: venv model
+	$(BIN)/python scripts/dashboard_preview.py --out docs/images/dashboard.png
 
 # transformers 4.55.4, the last release with contrastive search in its core, as the baseline
 .venv-hf/bin/.installed:

@@ -49,7 +49,7 @@ from handler.serving.describe_jobs import DescribeJobs
 from handler.serving.preparation import EngineRequests
 from handler.serving.loading import load_model, worker_device
 from handler.serving.loop import ServingLoop
-from handler.serving.metrics import EngineMetrics, publish_decode_step, publish_memory
+from handler.serving.metrics import ServingMetrics, TorchServeSink, publish_decode_step, publish_memory
 from handler.serving.native import NativeApi
 from handler.serving.openai.protocol import PREFIX as OPENAI_PREFIX
 from handler.serving.openai.routes import OpenAIApi
@@ -97,7 +97,8 @@ class ContrastiveGPT2Handler(BaseHandler):
                              fixed_shapes=settings.pool.decode_shapes == "fixed")
         self.ledger.mark("pool")
         self.fast_path = enable_fast_path(self.engine, settings.compile)
-        self.fast_path_outcome = publish_decode_step(context, self.fast_path)  # WARNING + metric when it fell back
+        self.metrics_sink = TorchServeSink(context.model_name)
+        self.fast_path_outcome = publish_decode_step(self.metrics_sink, self.fast_path)  # WARNING when it fell back
         self.fast_path.on_unhealthy = lambda reason: self.exit_for_restart(reason)
         self.ledger.mark("graphs", graph_pool=self.fast_path.graph_pool)
         self.admission = Admission(settings.limits, model.n_positions, pool,
@@ -111,8 +112,8 @@ class ContrastiveGPT2Handler(BaseHandler):
         self.ledger.mark("warmup")
         self.memory_report = self.ledger.breakdown(weights_bytes=self.loaded.weights_bytes,
                                                    pool_bytes=self.engine.pool.nbytes())
-        publish_memory(context, self.device, self.memory_report)
-        self.metrics = EngineMetrics()
+        publish_memory(self.metrics_sink, self.device, self.memory_report)
+        self.metrics = ServingMetrics(self.engine, self.metrics_sink)  # published by its own thread, off the loop
         engine_requests = EngineRequests(settings, self.loaded.tokenizer, model.vocab_size, self.loaded.eos_ids,
                                          self.admission)
         self.native = NativeApi(settings, engine_requests, self.engine)
@@ -123,7 +124,8 @@ class ContrastiveGPT2Handler(BaseHandler):
                                 iteration_s=settings.iteration_ms / 1000,
                                 describe_jobs=DescribeJobs(self.describe_handle),
                                 open_jobs=OpenJobs(context.system_properties["model_dir"])
-                                if settings.continuous_batching else None)
+                                if settings.continuous_batching else None, metrics=self.metrics)
+        self.metrics.start()
         self.initialized = True
 
     health_probe = None  # how the device is probed after a fault (None: handler.engine.fast_path.device_healthy)
@@ -155,12 +157,7 @@ class ContrastiveGPT2Handler(BaseHandler):
         return jobs
 
     def postprocess(self, jobs):
-        out = self.loop.respond(jobs, self.context)
-        try:
-            self.metrics.publish(self.context, self.engine.stats())
-        except Exception:  # noqa: BLE001 - metrics must never cost a request its answer
-            logger.exception("publishing the engine's metrics failed")
-        return out
+        return self.loop.respond(jobs, self.context)
 
     def describe_handle(self):
         """The memory breakdown, the decode step that serves, the pool, the engine's load, the limits.

@@ -31,8 +31,8 @@ GPU_OVERLAYS = ["gpu", "gpu-3.5b"]
 # oldest we claim (autoscaling/v2 since 1.23, PDB unhealthyPodEvictionPolicy since 1.27 (GA 1.31)).
 SCHEMA_VERSIONS = ["latest", "1.29.0"]
 SECRET = "gpt2-serve-api-keys"
-ENGINE_METRICS = {"EngineSlotsInUse", "EngineSlots", "EngineRequestsWaiting", "EngineTimeToFirstTokenMs",
-                  "EngineGeneratedTokens"}
+# The engine's gauges the adapter rules may read (handler/serving/metrics.py; docs/metrics.md).
+ENGINE_METRICS = {"gpt2_slots_in_use", "gpt2_slots", "gpt2_requests_waiting"}
 # TorchServe's own frontend metrics the adapter rules may read (ts/configs/metrics.yaml of torchserve 0.12).
 FRONTEND_METRICS = {"ts_queue_latency_microseconds"}
 # The image's compile caches (Dockerfile ENV): the compiled decode step writes there.
@@ -438,7 +438,7 @@ def test_adapter_rules_read_the_engines_metrics_per_pod():
         # every series read is narrowed to the pod the HPA asks about
         assert query.count("{<<.LabelMatchers>>}") == len(re.findall(r"\b\w+\{", query))
     [utilization] = [r for r in adapter_rules() if r["name"]["as"] == "gpt2_engine_slot_utilization"]
-    assert re.search(r"EngineSlotsInUse\{.*\}\)\s*/\s*clamp_min\(sum by \(<<.GroupBy>>\) \(EngineSlots\{",
+    assert re.search(r"gpt2_slots_in_use\{.*\}\)\s*/\s*clamp_min\(sum by \(<<.GroupBy>>\) \(gpt2_slots\{",
                      utilization["metricsQuery"], re.S)
 
 
@@ -739,10 +739,10 @@ def test_the_waiting_signal_includes_the_frontend_queue(overlay):
     minute: the rate of its queue-time counter, in seconds per second) to the engine's waiting requests."""
     _, objects = overlay
     hpa_names = {m["pods"]["metric"]["name"] for m in one(objects, "HorizontalPodAutoscaler")["spec"]["metrics"]}
-    [waiting] = [r for r in adapter_rules() if "EngineRequestsWaiting" in r["metricsQuery"]]
+    [waiting] = [r for r in adapter_rules() if "gpt2_requests_waiting" in r["metricsQuery"]]
     assert waiting["name"]["as"] in hpa_names
     query = " ".join(waiting["metricsQuery"].split())
-    assert "sum by (<<.GroupBy>>) (EngineRequestsWaiting{<<.LabelMatchers>>}) +" in query
+    assert "sum by (<<.GroupBy>>) (gpt2_requests_waiting{<<.LabelMatchers>>}) +" in query
     assert re.search(r"sum by \(<<\.GroupBy>>\) \(rate\(ts_queue_latency_microseconds\{<<\.LabelMatchers>>\}"
                      r"\[\d+m\]\)\) / 1e6", query), query
 

@@ -49,6 +49,7 @@ from handler.serving.body import header
 from handler.serving.call import Call
 from handler.serving.describe_jobs import DescribeJobs, is_describe_job
 from handler.serving.errors import RequestError, is_out_of_memory
+from handler.serving.metrics import api_of
 from handler.serving.orphans import OpenJobs
 from handler.serving.openai.protocol import DONE_EVENT, PREFIX as OPENAI_PREFIX, SSE_CONTENT_TYPE, error_json
 from handler.serving.routes import URL_PATH_HEADER, ReadyAnswer, Routes
@@ -65,6 +66,8 @@ class Job:
     error: RequestError | None = None  # what its client gets instead of an answer
     immediate: ReadyAnswer | None = None  # an answer that needs no generation (handler.serving.routes)
     opened: bool = False  # a chunk went out: the status line is sent, the job stays open across calls
+    api: str = "native"  # the API its route belongs to (native | openai), for the metrics
+    counted: bool = False  # its end went to the metrics (ServingLoop._count)
 
     @property
     def stream(self) -> bool:
@@ -83,6 +86,13 @@ class Job:
         if self.immediate is not None:
             return self.immediate.content_type
         return self.call.content_type if self.call is not None else responses.JSON_CONTENT_TYPE
+
+    @property
+    def status(self) -> int:
+        """The status of a job answered without generating (200 for a generation: its status is its own)."""
+        if self.error is not None:
+            return self.error.status
+        return self.immediate.status if self.immediate is not None else 200
 
     def error_body(self, error: RequestError) -> str:
         """The body that reports `error` to this job's client: in its call's shape, else the native one."""
@@ -116,12 +126,23 @@ def internal_error(err: BaseException | None, where: str) -> RequestError:
                         "retrying may succeed", status=500)
 
 
+class NoMetrics:
+    """What the loop tells the metrics when there are none (handler.serving.metrics.ServingMetrics)."""
+
+    def finished(self, api: str, generations, reason: str | None = None) -> None:
+        pass
+
+    def rejected(self, api: str, code: int) -> None:
+        pass
+
+
 class ServingLoop:
     """The job table and the loop of one worker (see the module docstring)."""
 
     def __init__(self, engine: Engine, routes: Routes, *, continuous: bool, iteration_s: float,
-                 describe_jobs: DescribeJobs | None = None, open_jobs: OpenJobs | None = None):
+                 describe_jobs: DescribeJobs | None = None, open_jobs: OpenJobs | None = None, metrics=None):
         self.engine = engine
+        self.metrics = metrics or NoMetrics()  # told of each request's end (handler.serving.metrics)
         self.describe_jobs = describe_jobs  # TorchServe's describe jobs (handler.serving.describe_jobs)
         self.open_jobs = open_jobs  # continuous batching: open job ids on disk (handler.serving.orphans)
         self.routes = routes
@@ -168,26 +189,29 @@ class ServingLoop:
         if self.open_jobs is not None and self.open_jobs.is_orphan(request_id):  # handler.serving.orphans
             logger.error("request %s was open in a worker that died: answered with an error", request_id)
             return Job(request_id, immediate=orphan_answer(header(headers, URL_PATH_HEADER)), opened=True)
-        routed = self.routes.answer(header(headers, URL_PATH_HEADER))
+        url_path = header(headers, URL_PATH_HEADER)
+        api = api_of(url_path, OPENAI_PREFIX)
+        routed = self.routes.answer(url_path)
         if isinstance(routed, RequestError):
-            return Job(request_id, error=routed)
+            return Job(request_id, error=routed, api=api)
         if isinstance(routed, ReadyAnswer):
-            return Job(request_id, immediate=routed)
+            return Job(request_id, immediate=routed, api=api)
         if self.drain.draining():  # a generation: refused while shutting down
             self.refused_for_drain = True
-            return Job(request_id, error=drain.REFUSED)
+            return Job(request_id, error=drain.REFUSED, api=api)
         started = routed.start(request_id, entry, headers)  # its API reads, maps, admits and submits it
         if isinstance(started, RequestError):
-            return Job(request_id, error=started)
+            return Job(request_id, error=started, api=api)
         if isinstance(started, ReadyAnswer):
-            return Job(request_id, immediate=started)
-        job = Job(request_id, call=started)
+            return Job(request_id, immediate=started, api=api)
+        job = Job(request_id, call=started, api=api)
         if self.continuous:
             self.jobs[request_id] = job
         return job
 
     def _cancel(self, request_id: str) -> None:
         job = self.jobs[request_id]
+        self._count(job, "cancelled")
         self._drop(request_id)
         logger.info("request %s: the client went away after %d tokens; its slot is free", request_id,
                     sum(len(gen.tokens) for gen in job.generations))
@@ -281,6 +305,7 @@ class ServingLoop:
             return answer, False
         answer = self._final(index, job, context)
         context.set_response_content_type(index, job.content_type)  # after _final: an error may change it
+        self._count(job)
         if job.generations:
             self._drop(job.request_id, job)  # done: cancelling changes nothing, and its records are forgotten
         # a job that got chunks ends its stream ("false"); one answered at once gets a plain response
@@ -288,6 +313,7 @@ class ServingLoop:
 
     def _fail(self, index: int, job: Job, error: RequestError, context) -> tuple[str, bool | None]:
         """Answer `job` with `error` and close it; its generations, if any, end."""
+        self._count(job, "error", error.status)
         self._drop(job.request_id, job)
         body = job.error_body(error)
         if job.opened:  # the status line went out with the first chunk: the error ends the body
@@ -295,6 +321,20 @@ class ServingLoop:
         context.set_response_content_type(index, responses.JSON_CONTENT_TYPE)
         _set_status(context, index, error.status, error.reason)
         return body, None
+
+    def _count(self, job: Job, reason: str | None = None, status: int | None = None) -> None:
+        """Tell the metrics how `job` ended, once: its generations with their finish reasons (`reason` for those
+        still running, which the caller is about to end), or, without any, its error status."""
+        if job.counted or job.immediate is not None and job.immediate.status < 400:
+            return
+        job.counted = True
+        try:
+            if job.generations:
+                self.metrics.finished(job.api, job.generations, reason)
+            elif (status or job.status) >= 400:
+                self.metrics.rejected(job.api, status or job.status)
+        except Exception:  # noqa: BLE001 - metrics must never cost a request its answer
+            logger.exception("recording request %s for the metrics failed", job.request_id)
 
     def _final(self, index: int, job: Job, context) -> str:
         if job.immediate is not None:

@@ -249,8 +249,8 @@ def test_compiled_step_forced_on_works_under_the_read_only_root(run_container, t
                       headers={"Authorization": f"Bearer {key}"}, timeout=60)
     assert r.status_code == 200 and r.json()["completion_tokens"] > 0, r.text
     metrics = requests.get(f"{container.metrics}/metrics", timeout=30).text
-    samples = [labels for labels, _ in parse_metric(metrics, "DecodeStep")]
-    assert any(s.get("Path") == "compiled" and s.get("FellBack") == "false" for s in samples), samples
+    samples = [labels for labels, _ in parse_metric(metrics, "gpt2_decode_step_info")]
+    assert any(s.get("path") == "compiled" and s.get("fell_back") == "false" for s in samples), samples
 
 
 def test_a_compile_cache_it_cannot_write_falls_back_loudly(run_container, tmp_path):
@@ -269,5 +269,5 @@ def test_a_compile_cache_it_cannot_write_falls_back_loudly(run_container, tmp_pa
     warnings = [ln for ln in container.logs().splitlines() if "serving EAGER although compile: on" in ln]
     assert warnings, "no WARNING line about the fallback in docker logs"
     metrics = requests.get(f"{container.metrics}/metrics", timeout=30).text
-    samples = [labels for labels, _ in parse_metric(metrics, "DecodeStep")]
-    assert any(s.get("Path") == "eager" and s.get("FellBack") == "true" for s in samples), samples
+    samples = [labels for labels, _ in parse_metric(metrics, "gpt2_decode_step_info")]
+    assert any(s.get("path") == "eager" and s.get("fell_back") == "true" for s in samples), samples

@@ -166,9 +166,12 @@ def test_metrics_that_fail_cost_no_answer(handler, expected, monkeypatch):
     def broken(*args, **kw):
         raise RuntimeError("metrics backend")
 
-    monkeypatch.setattr(handler.metrics, "publish", broken)
-    statuses, answers, _ = serve(handler, [GOOD[0], GOOD[1]])
-    assert_good(statuses, answers, expected, {0: 0, 1: 1})
+    monkeypatch.setattr(handler.metrics, "finished", broken)
+    monkeypatch.setattr(handler.metrics, "rejected", broken)
+    monkeypatch.setattr(handler.metrics, "flush", broken)
+    statuses, answers, _ = serve(handler, [GOOD[0], GOOD[1], {"prompt": "x", "top_k": 0}])
+    assert statuses[2] == 400
+    assert_good(statuses[:2], answers[:2], expected, {0: 0, 1: 1})
 
 
 @pytest.mark.parametrize("which", ["handler", "static_handler"])
