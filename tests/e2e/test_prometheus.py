@@ -292,8 +292,9 @@ def _bucket(value: float, bounds: tuple[float, ...]) -> tuple[float, float]:
 
 def test_ttft_quantiles_lie_within_what_the_clients_measured(run):
     """Each request's first token reaches the worker before its client sees it (the frontend and HTTP are
-    between), so the worker's figures are bounded above by the clients'; below, by what the clients saw minus
-    what sits in between, which the test allows one bucket for."""
+    between), so the worker's figures are bounded above by the clients'. The clients give no lower bound: the
+    worker's clock starts when the request reaches it, after the frontend's queue, which under this load holds
+    requests for up to seconds (a bound of one bucket below the clients' fastest failed once here)."""
     bounds = BUCKETS["time_to_first_token_seconds"]
     firsts = sorted(s.first_s for s in run.sent if s.status == 200)
     assert run.delta("gpt2_time_to_first_token_seconds_sum") <= sum(firsts)
@@ -301,12 +302,10 @@ def test_ttft_quantiles_lie_within_what_the_clients_measured(run):
     was = f"@ {run.before:.3f}"
     increase = (f"(sum by (le) (gpt2_time_to_first_token_seconds_bucket {at})"
                 f" - sum by (le) (gpt2_time_to_first_token_seconds_bucket {was}))")
-    lowest = _bucket(firsts[0], bounds)[0]
-    below = max([b for b in (0.0, *bounds) if b < lowest], default=0.0)
     for q in (0.5, 0.9, 0.99):
         got = run.ours.value(f"histogram_quantile({q}, {increase})")
         client = firsts[min(len(firsts) - 1, int(q * len(firsts)))]
-        assert below <= got <= _bucket(client, bounds)[1], (q, got, firsts)
+        assert 0.0 < got <= _bucket(client, bounds)[1], (q, got, firsts)
     assert run.ours.value(f"histogram_quantile(0.5, {increase})") <= \
         run.ours.value(f"histogram_quantile(0.99, {increase})")
 
