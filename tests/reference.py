@@ -51,7 +51,7 @@ def _sample(logits: torch.Tensor, params: GenerationParams, seed: int, step: int
     for i in order:  # the smallest prefix whose mass reaches top_p (renormalised after top-k)
         kept.append(i)
         mass += probs[i] / total
-        if mass >= params.top_p:
+        if mass >= params.top_p and params.top_p < 1.0:  # top_p = 1 is off: every token stays
             break
     scaled = (logits / params.temperature).tolist()
     noise = _noise(seed, step, kept, STREAM_SAMPLE)
