@@ -177,8 +177,25 @@ def step_before(rev: str = BEFORE_REV):
     return module
 
 
+def count_ops(call) -> int:
+    """Tensor operations (aten calls) one call dispatches: the same count, the same work, whatever the machine."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        call()
+    return Count.n
+
+
 def extras_cost(model, batch: int, prompt_len: int, steps: int, device, kind: str, block: int = 8) -> dict:
-    """ms per step (median block) of: the step before issue 22, today's step with extras off, and on."""
+    """ms per step (median block) of: the step before issue 22, today's step with extras off, and on; and the
+    tensor operations each dispatches per step (eager)."""
     from handler.engine.pool import SlotPool
     from handler.engine.step import decode_one_token, prefill_slot
 
@@ -186,7 +203,7 @@ def extras_cost(model, batch: int, prompt_len: int, steps: int, device, kind: st
     variants = {"before": (before.decode_one_token, ()), "extras off": (decode_one_token, (False,)),
                 "extras on": (decode_one_token, (True,))}
     warm = 2
-    pool = SlotPool.allocate(model, PoolShape(batch, prompt_len + (steps + warm * block) * len(variants) + 1, 4))
+    pool = SlotPool.allocate(model, PoolShape(batch, prompt_len + (steps + warm * block + 1) * len(variants) + 1, 4))
     params = GenerationParams(penalty_alpha=0.6, top_k=4, max_new_tokens=pool.shape.max_len - prompt_len,
                               repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.5,
                               logit_bias=((5, 2.0),), min_tokens=1, logprobs=5)
@@ -203,6 +220,8 @@ def extras_cost(model, batch: int, prompt_len: int, steps: int, device, kind: st
         for slot in range(batch):
             prompt = torch.randint(1, model.vocab_size, (prompt_len,), generator=g).tolist()
             prefill_slot(model, pool, slot, prompt, params, (), seed=slot)
+        ops = {name: count_ops(lambda fn=fn, extra=extra: fn(model, view, K, False, *extra))
+               for name, (fn, extra) in variants.items()}
         order = list(variants)
         for n in range(steps // block + warm):
             order = order[1:] + order[:1]  # each variant first in turn
@@ -215,7 +234,7 @@ def extras_cost(model, batch: int, prompt_len: int, steps: int, device, kind: st
                 if n >= warm:
                     times[name].append(1000 * (time.perf_counter() - start) / block)
         assert not pool.state.finished[:batch].any()
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return {"ms": {name: sorted(t)[len(t) // 2] for name, t in times.items()}, "ops": ops}
 
 
 def main_extras_cost(args) -> int:
@@ -229,16 +248,18 @@ def main_extras_cost(args) -> int:
     print(f"# contrastive k=4, prompt {args.prompt_tokens} tokens, {steps} steps per variant in interleaved blocks "
           f"of 8 (median block); before: handler/engine/step.py at {BEFORE_REV}")
     print("| shape | step | batch | before ms/step | extras off ms/step | off / before | extras on ms/step "
-          "| on / before |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+          "| on / before | ops per step: before / off / on |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for shape in args.shape:
         _, model = build(shape, device, dtype)
         for kind in kinds:
             for batch in args.batch:
-                t = extras_cost(model, batch, args.prompt_tokens, steps, device, kind)
+                out = extras_cost(model, batch, args.prompt_tokens, steps, device, kind)
+                t, ops = out["ms"], out["ops"]
                 print(f"| {shape} | {kind} | {batch} | {t['before']:.2f} | {t['extras off']:.2f} | "
                       f"{t['extras off'] / t['before']:.3f} | {t['extras on']:.2f} | "
-                      f"{t['extras on'] / t['before']:.3f} |", flush=True)
+                      f"{t['extras on'] / t['before']:.3f} | {ops['before']} / {ops['extras off']} / "
+                      f"{ops['extras on']} |", flush=True)
                 forget_compiled(device)
     return 0
 

@@ -154,7 +154,7 @@ class Runner:
                 return self._look(rows, batch)
         except Exception as err:  # noqa: BLE001 - the step is shared: every live request fails with it
             logger.exception("decode step failed with %d live requests", len(batch.slots))
-            if self._step is not None:
+            if self._installed(shape):  # the installed step failed (not the eager one beside it)
                 self._drop_step(err)
             return StepOutput({}, {}, time.monotonic(), steps=0, error=err)
 
