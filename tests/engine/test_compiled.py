@@ -57,8 +57,8 @@ def test_the_step_compiles_as_one_graph(compiled):
     assert report.error is None, report.error
     assert report.path == engine.step_path == "compiled"
     assert report.graphs == "none"  # no CUDA graphs on the CPU
-    assert report.shapes == [(2, 8, True)]  # the full pool, largest candidate bucket, sampler on
-    assert report.skipped_shapes == [(1, 8, True)]  # the CPU compiles the first shape only
+    assert report.shapes == [(2, 8, True, False)]  # the full pool, largest candidate bucket, sampler on, no extras
+    assert report.skipped_shapes == [(1, 8, True, False), (2, 8, True, True)]  # the CPU compiles the first only
     assert graph_breaks == {}  # fullgraph=True would have raised; nothing was split either
     assert graphs == 1
     assert report.compile_s > 0 and report.capture_s == 0 and report.graph_pool_reserved == 0
@@ -97,6 +97,39 @@ def test_fast_path_costs_no_compile_after_start(compiled, fp32_model):
     assert counters["stats"]["unique_graphs"] == before
 
 
+EXTRAS = [
+    GenerationParams(max_new_tokens=18, repetition_penalty=1.4, presence_penalty=0.5, frequency_penalty=0.3,
+                     logit_bias=((5, 2.0), (260, -4.0)), min_tokens=5, logprobs=5),
+    GenerationParams(decoding="sample", do_sample=True, max_new_tokens=16, top_k=50, frequency_penalty=0.7,
+                     logprobs=3, logprobs_source="processed"),
+    GenerationParams(decoding="greedy", max_new_tokens=20, logprobs=20, repetition_penalty=1.3),
+    GenerationParams(max_new_tokens=12),  # asks for nothing, beside those that do
+]
+
+
+def test_the_step_with_its_extras_compiles_as_one_graph_and_decodes_as_eager(fp32_model):
+    """decode_shapes: fixed compiles the one full shape with the extras on (penalties, logprobs)."""
+    _, model = fp32_model
+    counters.clear()
+    engine = Engine(model, SHAPE, sync_every=3, fixed_shapes=True)
+    report = enable_fast_path(engine, "on")
+    assert report.error is None and report.path == engine.step_path == "compiled", report.reason
+    assert report.shapes == [(2, 8, True, True)] and dict(counters["graph_break"]) == {}
+    assert report.step_check["passed"] and report.step_check["compared"] > 0
+    assert report.step_check["worst"]["lp_token"] <= 1e-4 and report.agreement["agreement"] == 1.0
+    rng = random.Random(4)
+    requests = [Request(f"x{i}", [rng.randrange(1, model.vocab_size) for _ in range(rng.randint(1, 20))],
+                        EXTRAS[i % len(EXTRAS)], EOS, seed=rng.randrange(2**32)) for i in range(6)]
+    fast = engine.run_to_completion(requests)
+    eager = Engine(model, SHAPE, sync_every=3, fixed_shapes=True).run_to_completion(requests)
+    assert engine.step_path == "compiled" and all(g.error is None for g in fast + eager)
+    assert [g.tokens for g in fast] == [g.tokens for g in eager]
+    for f, e in zip(fast, eager):
+        assert len(f.logprobs) == len(e.logprobs) == (len(e.tokens) if e.request.params.logprobs is not None else 0)
+        for a, b in zip(f.logprobs, e.logprobs):
+            assert a.token_id == b.token_id and abs(a.logprob - b.logprob) <= 1e-4
+
+
 # ---- the shapes ----
 
 
@@ -106,9 +139,10 @@ def test_fast_path_costs_no_compile_after_start(compiled, fp32_model):
 def test_fast_shapes_full_pool_first_then_one_slot_then_quarters(slots, rows):
     shape = PoolShape(slots, 64, 16)
     shapes = fast_shapes(shape)
-    assert [r for r, _, _ in shapes] == rows
-    assert all(k == shape.candidates and sampling for _, k, sampling in shapes)
-    assert len(fast_shapes(shape, max_shapes=2)) == min(2, len(rows))
+    assert [r for r, _, _, extras in shapes if not extras] == rows
+    assert shapes[-1] == (slots, shape.candidates, True, True)  # last: the full pool with the extras, covers all
+    assert all(k == shape.candidates and sampling for _, k, sampling, _ in shapes)
+    assert len(fast_shapes(shape, max_shapes=2)) == min(2, len(rows)) + 1
 
 
 def test_a_covering_set_of_shapes_gives_the_bucket_tokens(fp32_model):
@@ -126,7 +160,7 @@ def test_a_covering_set_of_shapes_gives_the_bucket_tokens(fp32_model):
 def test_a_shape_set_must_cover_the_full_pool(fp32_model):
     engine = Engine(fp32_model[1], PoolShape(4, 32, 8))
     with pytest.raises(ValueError, match="do not cover the full pool"):
-        engine.set_step(None, [(4, 8, False), (1, 8, True)])
+        engine.set_step(None, [(4, 8, False, True), (1, 8, True, True)])
 
 
 # ---- the fallbacks: a fast step that misbehaves never serves ----
@@ -148,12 +182,12 @@ class FakeFastStep:
 
         return PrepareReport("none", list(self.shapes), [], 0.01, 0.0, 0, 0)
 
-    def __call__(self, rows, k, sampling):
+    def __call__(self, rows, k, sampling, extras):
         self.calls += 1
         if self.fault == "raise" or (self.fail_after is not None and self.calls > self.fail_after):
             raise RuntimeError("injected: replay failed")
         view = self.pool.view(rows)
-        decode_one_token(self.model, view, k, sampling)
+        decode_one_token(self.model, view, k, sampling, extras)
         if self.fault == "mismatch":  # one slot's newest token off by one, as a stale graph input would do
             st = view.state
             last = (st.generated[:1] - 1).clamp(min=0)
