@@ -3,7 +3,7 @@
 The step (`handler.engine.step.decode_one_token`) is a function of tensors over
 the persistent slot pool: views of buffers allocated once (fixed addresses),
 mutated in place, nothing returned, no host synchronisation, its shape fixed
-per (slots, candidates, sampling). `FastStep` compiles it once per shape with
+per (slots, candidates, sampling, extras). `FastStep` compiles it once per shape with
 `fullgraph=True` (a graph break or a host sync inside the step is an error, not
 a silent slow path) and, on CUDA, captures each compiled shape in a CUDA graph:
 a step is then one `graph.replay()`, with no Python, no guard evaluation and no
@@ -30,15 +30,18 @@ Graphs: manual capture (default) or cudagraph trees (`graphs="trees"`, i.e.
 Start-up time: each shape is one Inductor compile (tens of seconds cold for the
 110M shape; seconds with the on-disk cache warm: keep TORCHINDUCTOR_CACHE_DIR
 and TRITON_CACHE_DIR across restarts), and a capture (milliseconds). So the
-shapes are few (`fast_shapes`): at most MAX_SHAPES, every one at the pool's
-largest candidate bucket with the sampler on (a shape serves every step it
-covers: a slot's tokens do not depend on the shape it runs in), the full pool
-first (it covers every step), then 1 slot (the latency of a lone request), then
-the pool's slots divided by 4, 16, ... A shape after the first is compiled only
-if, at the first one's pace, it ends within the compile budget (COMPILE_BUDGET_S
-on a GPU; on the CPU, where the compiled step is only checked, none after the
-first): start-up spends about the larger of one compile and the budget on it,
-whatever the pool.
+shapes are few (`fast_shapes`): at most MAX_SHAPES plain ones (extras off), every
+one at the pool's largest candidate bucket with the sampler on (a shape serves
+every step it covers: a slot's tokens do not depend on the shape it runs in),
+the full pool first (it covers every plain step), then 1 slot (the latency of a
+lone request), then the pool's slots divided by 4, 16, ...; and last the full
+pool with the extras on (logits processing and logprobs: it covers every step).
+A shape after the first is compiled only if, at the first one's pace, it ends
+within the compile budget (COMPILE_BUDGET_S on a GPU; on the CPU, where the
+compiled step is only checked, none after the first): start-up spends about the
+larger of one compile and the budget on it, whatever the pool. A step no
+compiled shape covers (the extras shape skipped) runs eager
+(`handler.engine.runner`).
 
 Memory: `torch.cuda.graph` empties the allocator's cache when it begins, so the
 cache is emptied *before* the "before" reading (`measure_capture`): the graphs'
@@ -89,14 +92,14 @@ def fast_shapes(shape: PoolShape, max_shapes: int = MAX_SHAPES) -> list[Shape]:
     if len(rows) > max_shapes:  # keep the full pool and 1 slot, drop the smallest of the others
         rows = rows[: max_shapes - 1] + [1] if max_shapes > 1 else rows[:1]
     order = rows[:1] + rows[-1:] + rows[1:-1] if len(rows) > 1 else rows
-    return [(r, K, True) for r in order]
+    return [(r, K, True, False) for r in order] + [(S, K, True, True)]
 
 
 _counter = itertools.count()
 
 
-def _step(model, view, K: int, sampling: bool) -> None:
-    decode_one_token(model, view, K, sampling)
+def _step(model, view, K: int, sampling: bool, extras: bool) -> None:
+    decode_one_token(model, view, K, sampling, extras)
 
 
 def _fresh_step() -> Callable:
@@ -164,7 +167,7 @@ class FastStep:
     """The decode step of one engine, compiled per shape; on CUDA replayed from CUDA graphs.
 
     Call `prepare()` once on an idle pool (it runs the step on it: free slots only change in ways nobody reads),
-    then `step(rows, k, sampling)` for a shape it was built for.
+    then `step(rows, k, sampling, extras)` for a shape it was built for.
     """
 
     def __init__(self, model, pool: SlotPool, shapes: list[Shape], *, graphs: str = "auto",
@@ -184,7 +187,7 @@ class FastStep:
         self.budget_s = budget_s if budget_s is not None else (COMPILE_BUDGET_S if cuda else 0.0)
         mode = "reduce-overhead" if graphs == "trees" else None
         self.compiled = torch.compile(_fresh_step(), fullgraph=True, dynamic=False, mode=mode)
-        self.views = {rows: pool.view(rows) for rows, _, _ in self.shapes}  # the same objects at every call
+        self.views = {shape[0]: pool.view(shape[0]) for shape in self.shapes}  # the same objects at every call
         if graphs == "trees":
             for view in self.views.values():
                 for t in _view_tensors(view):
@@ -236,8 +239,8 @@ class FastStep:
                     built, compile_s, capture_s, f"; skipped past the budget: {skipped}" if skipped else "")
         return self.report
 
-    def step(self, rows: int, k: int, sampling: bool) -> None:
-        self.ready[(rows, k, sampling)]()
+    def step(self, rows: int, k: int, sampling: bool, extras: bool) -> None:
+        self.ready[(rows, k, sampling, extras)]()
 
     __call__ = step
 
@@ -266,9 +269,9 @@ class FastStep:
         self._sync()
 
     def _direct(self, shape: Shape) -> Callable[[], None]:
-        rows, k, sampling = shape
+        rows, k, sampling, extras = shape
         view, compiled, model = self.views[rows], self.compiled, self.model
-        return lambda: compiled(model, view, k, sampling)
+        return lambda: compiled(model, view, k, sampling, extras)
 
     def _warm(self, shape: Shape, calls: int) -> None:
         """The compile (first call) and warm-up runs; for manual capture on the side stream capture uses, as
@@ -305,6 +308,7 @@ def _dynamo_limits(shapes: int) -> dict:
 
 def _view_tensors(view) -> list[torch.Tensor]:
     out = [view.kv, view.hidden, view.valid, view.tokens, view.logits]
+    out += [getattr(view, name) for name in SlotPool.EXTRA]
     for group in (view.state, view.params):
         out += [getattr(group, f) for f in group.__dataclass_fields__]
     return out

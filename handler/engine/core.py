@@ -37,14 +37,16 @@ class Engine:
     def __init__(self, model, shape: PoolShape, *, detokenize: Detokenize | None = None, sync_every: int = 4,
                  fixed_shapes: bool = False):
         self.runner = Runner(model, shape, sync_every=sync_every, fixed_shapes=fixed_shapes)
-        self.scheduler = Scheduler(shape.max_slots, shape.max_len, shape.max_top_k, detokenize=detokenize)
+        self.scheduler = Scheduler(shape.max_slots, shape.max_len, shape.max_top_k, detokenize=detokenize,
+                                   vocab_size=model.vocab_size)
         self.model, self.shape, self.pool = model, shape, self.runner.pool
         self.sync_every = sync_every
 
     # ---- requests in and out (the scheduler's) ----
 
     def submit(self, request: Request) -> Generation:
-        """Queue a request; it takes a slot at the next admission."""
+        """Queue a request; it takes a slot at the next admission. ValueError when the pool cannot hold it;
+        InvalidParameter("logit_bias") for a token id outside the model's vocabulary."""
         return self.scheduler.submit(request)
 
     def get(self, request_id: str) -> Generation | None:
@@ -107,11 +109,11 @@ class Engine:
         """Admit, decode and look, until `until` (time.monotonic) or, with `return_on_events`, until a
         request finished or got its first tokens; returns the generations that changed (new tokens or done)."""
         changed: dict[str, Generation] = {}
-        self._admit(changed)
-        while self.scheduler.running:
+        events = self._admit(changed)
+        while self.scheduler.running and not (return_on_events and events):
             events = self._decode_and_look(changed)
-            self._admit(changed)
-            if (return_on_events and events) or (until is not None and time.monotonic() >= until):
+            events = self._admit(changed) or events
+            if until is not None and time.monotonic() >= until:
                 break
         return list(changed.values())
 
@@ -168,16 +170,19 @@ class Engine:
 
     # ---- inside ----
 
-    def _admit(self, changed: dict[str, Generation]) -> None:
-        """Waiting requests into free slots, in arrival order, each prefilled alone; a slot whose prefill
-        failed takes the next waiting request at once."""
+    def _admit(self, changed: dict[str, Generation]) -> bool:
+        """Waiting requests into free slots, in arrival order, each prefilled alone; a slot whose request ended at
+        its prefill (failed, or max_new_tokens=0) takes the next waiting request at once. True when one ended."""
+        ended_any = False
         while True:
             output = self.scheduler.schedule()
             failed = self.runner.prefill(output)
-            for gen in self.scheduler.prefilled(output, failed):
+            ended = self.scheduler.prefilled(output, failed)
+            for gen in ended:
                 changed[gen.request_id] = gen
-            if not failed or not (self.scheduler.waiting and self.scheduler.free):
-                return
+            ended_any = ended_any or bool(ended)
+            if not ended or not (self.scheduler.waiting and self.scheduler.free):
+                return ended_any
 
     def _decode_and_look(self, changed: dict[str, Generation]) -> bool:
         """`sync_every` steps, then one look at the tokens; True when a request finished or got its first tokens."""

@@ -57,7 +57,7 @@ from handler.engine.params import GenerationParams
 from handler.engine.pool import SlotPool
 from handler.engine.core import Engine
 from handler.engine.scheduler import Request, Shape
-from handler.engine.step import decode_one_token, prefill_slot
+from handler.engine.step import decode_one_token, prefill_slot, processed_logits
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,10 @@ def self_check_requests(engine: Engine, new_tokens: int = SELF_CHECK_NEW_TOKENS)
              GenerationParams(decoding="greedy"),
              GenerationParams(decoding="sample", do_sample=True, top_k=50, top_p=0.9, temperature=0.8),
              GenerationParams(penalty_alpha=0.6, top_k=min(4, top_k), do_sample=True, temperature=0.7),
-             GenerationParams(penalty_alpha=0.3, top_k=top_k)]
+             GenerationParams(penalty_alpha=0.3, top_k=top_k),
+             GenerationParams(penalty_alpha=0.6, top_k=min(4, top_k), repetition_penalty=1.3, presence_penalty=0.4,
+                              frequency_penalty=0.2, logit_bias=((1, 1.5), (2, -3.0)), min_tokens=1, logprobs=5,
+                              logprobs_source="processed")]
     if top_k < 2:  # no contrastive request fits this pool
         modes = [m for m in modes if m.decoding != "contrastive"]
     out = []
@@ -116,11 +119,17 @@ class StepCheck:
     first_failure: dict | None
 
 
-def _written(pool: SlotPool, rows: int, pos: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Copies of what one step over `rows` may write, each with the slot axis first. pos [R]: next positions."""
+def _written(pool: SlotPool, rows: int, pos: torch.Tensor, at: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Copies of what one step over `rows` may write, each with the slot axis first. pos [R]: next positions;
+    at [R]: generated positions (where the logprobs go)."""
     ar = torch.arange(rows, device=pool.kv.device)
     st = pool.state
     return {
+        "counts": pool.counts[:rows].clone(),
+        "seen": pool.seen[:rows].clone(),
+        "lp_token": pool.lp_token[ar, at].clone(),
+        "lp_top_values": pool.lp_top_values[ar, at].clone(),
+        "lp_top_ids": pool.lp_top_ids[ar, at].clone(),
         "logits": pool.logits[:rows].clone(),
         "hidden_at_pos": pool.hidden[ar, pos].clone(),  # [R, d]
         "kv_at_pos": pool.kv[:, :, ar, :, pos].clone(),  # [R, 2, L, H, Dh]
@@ -131,9 +140,14 @@ def _written(pool: SlotPool, rows: int, pos: torch.Tensor) -> dict[str, torch.Te
     }
 
 
-def _restore(pool: SlotPool, rows: int, pos: torch.Tensor, saved: dict[str, torch.Tensor]) -> None:
+def _restore(pool: SlotPool, rows: int, pos: torch.Tensor, at: torch.Tensor, saved: dict[str, torch.Tensor]) -> None:
     """Put `saved` (from `_written`) back in place: same buffers, same addresses."""
     ar = torch.arange(rows, device=pool.kv.device)
+    pool.counts[:rows] = saved["counts"]
+    pool.seen[:rows] = saved["seen"]
+    pool.lp_token[ar, at] = saved["lp_token"]
+    pool.lp_top_values[ar, at] = saved["lp_top_values"]
+    pool.lp_top_ids[ar, at] = saved["lp_top_ids"]
     pool.logits[:rows] = saved["logits"]
     pool.hidden[ar, pos] = saved["hidden_at_pos"]
     pool.kv[:, :, ar, :, pos] = saved["kv_at_pos"]
@@ -160,7 +174,7 @@ def _margins(values: torch.Tensor, logits: torch.Tensor, num_candidates: torch.T
     return (two[:, 0] - two[:, 1]) / two[:, 0].abs().clamp(min=1.0)
 
 
-def check_steps(engine: Engine, fast: Callable[[int, int, bool], None], shapes: list[Shape],
+def check_steps(engine: Engine, fast: Callable[[int, int, bool, bool], None], shapes: list[Shape],
                 steps: int = CHECK_STEPS) -> StepCheck:
     """The fast step against eager, step by step from the same pool state, at each of `shapes` in turn."""
     model, pool = engine.model, engine.pool
@@ -174,26 +188,30 @@ def check_steps(engine: Engine, fast: Callable[[int, int, bool], None], shapes: 
             prefill_slot(model, pool, slot, list(req.prompt_ids), req.params, req.eos_ids, req.seed)
         try:
             for n in range(steps):
-                rows, k, sampling = shapes[n % len(shapes)]
+                rows, k, sampling, extras = shapes[n % len(shapes)]
                 st = pool.state
                 pos = st.next_pos[:rows].clamp(max=pool.shape.max_len - 1).clone()
                 running = (~st.finished[:rows]).tolist()
                 chosen_at = st.generated[:rows].clone()
-                before = _written(pool, rows, pos)
-                fast(rows, k, sampling)
-                got = _written(pool, rows, pos)
-                _restore(pool, rows, pos, before)
-                logits_in = pool.logits[:rows].clone()
-                values = decode_one_token(model, pool.view(rows), k, sampling)
-                want = _written(pool, rows, pos)
+                at = chosen_at.clamp(max=pool.shape.max_len - 1)
+                before = _written(pool, rows, pos, at)
+                fast(rows, k, sampling, extras)
+                got = _written(pool, rows, pos, at)
+                _restore(pool, rows, pos, at, before)
+                view = pool.view(rows)
+                logits_in = (processed_logits(view) if extras else pool.logits[:rows]).clone()
+                values = decode_one_token(model, view, k, sampling, extras)
+                want = _written(pool, rows, pos, at)
                 margins = _margins(values, logits_in, pool.params.num_candidates[:rows]).tolist()
                 idx = chosen_at.clamp(max=pool.shape.max_len - 1)[:, None]
                 fast_tok = got["tokens"].gather(1, idx)[:, 0].tolist()
                 eager_tok = want["tokens"].gather(1, idx)[:, 0].tolist()
                 errors = {name: _relative(got[name], want[name]).tolist() for name in
-                          ("logits", "hidden_at_pos", "kv_at_pos", "kv_scratch")}
+                          ("logits", "hidden_at_pos", "kv_at_pos", "kv_scratch")
+                          + (("lp_token", "lp_top_values") if extras else ())}
                 exact = {name: (got[name] != want[name]).reshape(rows, -1).any(dim=1).tolist() for name in
-                         ("valid", "tokens", "state.next_pos", "state.generated", "state.finished", "state.hit_eos")}
+                         ("valid", "tokens", "state.next_pos", "state.generated", "state.finished", "state.hit_eos",
+                          "counts", "seen")}
                 for r in range(rows):
                     if not running[r]:
                         continue
@@ -211,7 +229,7 @@ def check_steps(engine: Engine, fast: Callable[[int, int, bool], None], shapes: 
                     if bad:
                         failures += 1
                         if first is None:
-                            first = {"step": n, "shape": [rows, k, sampling], "slot": r,
+                            first = {"step": n, "shape": [rows, k, sampling, extras], "slot": r,
                                      "mode": requests[r].params.decoding, "why": bad}
         finally:
             pool.state.finished.fill_(True)  # every slot free again
@@ -255,7 +273,7 @@ def compare_tokens(requests: list[Request], eager: list[list[int]], fast: list[l
     return total, differing, first
 
 
-def run_agreement(engine: Engine, fast: Callable[[int, int, bool], None], shapes: list[Shape], path: str,
+def run_agreement(engine: Engine, fast: Callable[[int, int, bool, bool], None], shapes: list[Shape], path: str,
                   new_tokens: int = SELF_CHECK_NEW_TOKENS) -> Agreement:
     """Decode the fixed set eager then fast, both at `shapes`; the engine is left eager (all buckets). A request
     that fails either way raises."""

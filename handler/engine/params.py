@@ -18,6 +18,18 @@ Decoding modes (field `decoding`):
 - ``sample``: ancestral sampling from softmax(logits / temperature), restricted
   to the `top_k` most likely tokens (0: no restriction) and the smallest set of
   tokens whose probability reaches `top_p`.
+
+Logits processing (every mode, applied to the logits before the mode chooses:
+before contrastive search takes its top k, as transformers 4.55 applies its
+logits processors, and before greedy or sampling), in this order:
+`logit_bias` added; `repetition_penalty` (transformers'
+`RepetitionPenaltyLogitsProcessor`, over prompt and generated tokens);
+`frequency_penalty` and `presence_penalty` (OpenAI's definition, over the
+generated tokens); no end-of-text id before `min_tokens` generated tokens.
+Logprobs (`logprobs`, `prompt_logprobs`) come from the model's own
+log-softmax (``raw``) or from the processed logits (``processed``: after the
+above and, for decoding="sample", the temperature); prompt logprobs are always
+raw (nothing processes the prompt's logits).
 """
 
 from __future__ import annotations
@@ -30,6 +42,9 @@ DECODING_MODES = ("contrastive", "greedy", "sample")
 SEED_LIMIT = 2**32  # seeds feed a 32-bit counter-based generator (handler.engine.sampling)
 MAX_TEMPERATURE = 100.0
 MAX_EOS_IDS = 8  # end-of-text ids one request may name (handler.engine.pool.EOS_WIDTH)
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (the serving layer narrows it)
+MAX_LOGIT_BIAS = 300  # (token id, bias) pairs one request may give (handler.engine.pool.BIAS_WIDTH)
+LOGPROBS_SOURCES = ("raw", "processed")
 
 
 PARAM = type("Param", (), {"__repr__": lambda self: "PARAM"})()  # in a message's parts: the parameter's own name
@@ -140,6 +155,13 @@ RANGES = {
     "temperature": Range(0.0, MAX_TEMPERATURE, low_open=True),
     "top_p": Range(0.0, 1.0, low_open=True),
     "seed": Range(0, SEED_LIMIT - 1),
+    "repetition_penalty": Range(0.0, 10.0, low_open=True),
+    "presence_penalty": Range(-2.0, 2.0),
+    "frequency_penalty": Range(-2.0, 2.0),
+    "logit_bias/bias": Range(-100.0, 100.0),
+    "min_tokens": Range(0, math.inf),
+    "logprobs": Range(0, MAX_LOGPROBS),
+    "prompt_logprobs": Range(0, MAX_LOGPROBS),
 }
 
 
@@ -160,6 +182,14 @@ class GenerationParams:
     ignore_eos: bool = False  # generate max_new_tokens whatever end-of-text comes (load tests, benchmarks)
     stream: bool = False  # stream the text as newline-delimited JSON chunks
     return_token_ids: bool = False  # add the generated token ids to the answer
+    repetition_penalty: float = 1.0  # transformers': logit > 0 divided, else multiplied, over prompt + generated
+    presence_penalty: float = 0.0  # OpenAI's: logit -= presence * (count > 0), counts of generated tokens
+    frequency_penalty: float = 0.0  # OpenAI's: logit -= frequency * count, counts of generated tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs added to the logits
+    min_tokens: int = 0  # no end-of-text id can be chosen before this many generated tokens
+    logprobs: int | None = None  # each generated token's logprob and its n most likely alternatives (None: off)
+    prompt_logprobs: int | None = None  # each prompt token's logprob (the first None) and n alternatives
+    logprobs_source: str = "raw"  # "raw": the model's log-softmax; "processed": what the choice was made from
 
     def __post_init__(self):
         self.validate()
@@ -167,7 +197,12 @@ class GenerationParams:
     def validate(self) -> None:
         """Raise InvalidParameter for the first field out of its range."""
         as_decoding("decoding", self.decoding)
-        RANGES["max_new_tokens"].require("max_new_tokens", as_integer("max_new_tokens", self.max_new_tokens))
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                RANGES[name].require(name, as_integer(name, getattr(self, name)))
+        new = as_integer("max_new_tokens", self.max_new_tokens)
+        if not (new == 0 and self.prompt_logprobs is not None):  # 0: score the prompt, generate nothing
+            RANGES["max_new_tokens"].require("max_new_tokens", new)
         for name in ("do_sample", "ignore_eos", "stream", "return_token_ids"):
             as_boolean(name, getattr(self, name))
         require_mode_agrees(self.decoding, self.do_sample)
@@ -185,6 +220,16 @@ class GenerationParams:
             if not isinstance(ids, tuple) or not 1 <= len(ids) <= MAX_EOS_IDS \
                     or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
                 raise InvalidParameter("eos_token_id", PARAM, f" must be 1 to {MAX_EOS_IDS} token ids, got {ids!r}")
+        for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+            RANGES[name].require(name, as_number(name, getattr(self, name)))
+        require_logit_bias(self.logit_bias)
+        RANGES["min_tokens"].require("min_tokens", as_integer("min_tokens", self.min_tokens))
+        if self.min_tokens > self.max_new_tokens:
+            raise InvalidParameter("min_tokens", PARAM, f" must be <= max_new_tokens ({self.max_new_tokens}), "
+                                   f"got {self.min_tokens}")
+        if not isinstance(self.logprobs_source, str) or self.logprobs_source not in LOGPROBS_SOURCES:
+            raise InvalidParameter("logprobs_source", PARAM, f" must be one of "
+                                   f"{', '.join(map(repr, LOGPROBS_SOURCES))}, got {describe(self.logprobs_source)}")
 
     def end_ids(self, model_eos: tuple[int, ...]) -> tuple[int, ...]:
         """The token ids that end this request: none with `ignore_eos`, else its own or the model's."""
@@ -198,9 +243,44 @@ class GenerationParams:
         return self.decoding == "sample" or (self.decoding == "contrastive" and self.do_sample)
 
     @property
+    def processes_logits(self) -> bool:
+        """True when a penalty, a bias or min_tokens changes the logits before the choice."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or bool(self.logit_bias) or self.min_tokens > 0)
+
+    @property
+    def extras(self) -> bool:
+        """True when the decode step must run its optional part for this request (processing or logprobs):
+        the step's `extras` flag (handler.engine.step); a batch without such a request never pays for it."""
+        return self.processes_logits or self.logprobs is not None
+
+    @property
     def num_candidates(self) -> int:
         """Candidates the engine scores per step for this request (1 outside contrastive decoding)."""
         return self.top_k if self.decoding == "contrastive" else 1
+
+
+def require_logit_bias(pairs) -> None:
+    """`pairs` as `GenerationParams.logit_bias` wants them: a tuple of at most MAX_LOGIT_BIAS (token id, bias)
+    pairs, ids integers >= 0 and unique, biases in [-100, 100]; else InvalidParameter naming logit_bias. The ids
+    are checked against the vocabulary when the engine takes the request (it knows the model)."""
+    if not isinstance(pairs, tuple) or not all(isinstance(p, tuple) and len(p) == 2 for p in pairs):
+        raise InvalidParameter("logit_bias", PARAM, f" must be a tuple of (token id, bias) pairs, got "
+                               f"{describe(pairs)}")
+    if len(pairs) > MAX_LOGIT_BIAS:
+        raise InvalidParameter("logit_bias", PARAM, f" must have at most {MAX_LOGIT_BIAS} entries, got {len(pairs)}")
+    seen = set()
+    for token, bias in pairs:
+        token = as_integer("logit_bias", token)
+        if token < 0:
+            raise InvalidParameter("logit_bias", PARAM, f" token ids must be >= 0, got {token}")
+        if token in seen:
+            raise InvalidParameter("logit_bias", PARAM, f" names token id {token} twice")
+        seen.add(token)
+        bias = as_number("logit_bias", bias)
+        if not -100.0 <= bias <= 100.0:
+            raise InvalidParameter("logit_bias", PARAM, f" biases must be in [-100, 100], got {fmt(bias)} for "
+                                   f"token id {token}")
 
 
 def require_mode_agrees(decoding: str | None, do_sample: bool | None) -> None:

@@ -24,7 +24,15 @@ Layout, for S slots of `max_len` positions and K_max candidate positions:
   and `logits` [S, V] float32 for the next token.
 - per-slot parameters [S] (see `SlotParams`): what each request asked for, as
   tensors, so that one step serves every mode with its own alpha, k,
-  temperature, seed, eos and length.
+  temperature, seed, eos and length, penalties, logit_bias (BIAS_WIDTH pairs)
+  and min_tokens.
+- logits processing state: `seen` [S, V] bool, tokens of the prompt or generated
+  (repetition_penalty), and `counts` [S, V] float32, how often each token was
+  generated (presence and frequency penalties); kept by steps with `extras` on.
+- logprobs, per generated position: `lp_token` [S, max_len] float32, the chosen
+  token's logprob, and the LOGPROBS_WIDTH most likely alternatives (`lp_top_ids`
+  [S, max_len, W] long, `lp_top_values` [S, max_len, W] float32); written by
+  steps with `extras` on.
 
 `pool_bytes` gives the size of all of it from the model's shape alone: the
 memory plan (`handler.memory.plan`), the admission check and the worker's
@@ -38,8 +46,11 @@ from dataclasses import dataclass, fields
 import torch
 
 from handler.engine.model import MATMUL_ROW_MULTIPLE
+from handler.engine.params import MAX_LOGIT_BIAS, MAX_LOGPROBS
 
 EOS_WIDTH = 8  # end-of-text ids a request may name (params: 1 to 8)
+BIAS_WIDTH = MAX_LOGIT_BIAS  # (token id, bias) pairs per slot
+LOGPROBS_WIDTH = MAX_LOGPROBS  # alternatives kept per generated token
 # Candidate counts a step runs with: the smallest bucket >= the largest k among its slots. Multiples of
 # MATMUL_ROW_MULTIPLE (handler.engine.model), so that a greedy slot's bits beside a contrastive one are its
 # bits alone: every matmul row count of the step is then a multiple of it.
@@ -95,13 +106,16 @@ def pool_bytes(*, n_layer: int, n_embd: int, vocab_size: int, shape: PoolShape, 
         "kv_cache": 2 * n_layer * S * P * d * dtype_bytes,
         "context_hidden": S * L * d * 4,
         "slot_state": S * (P + L * 8 + vocab_size * 4) + S * SlotState.bytes_per_slot()
-        + S * SlotParams.bytes_per_slot(),
+        + S * SlotParams.bytes_per_slot()
+        + S * vocab_size * (1 + 4)  # seen, counts
+        + S * L * (4 + LOGPROBS_WIDTH * (8 + 4)),  # lp_token, lp_top_ids, lp_top_values
     }
 
 
 @dataclass
 class SlotParams:
-    """Per-slot request parameters as device tensors [S] (eos: [S, EOS_WIDTH], -1 padded)."""
+    """Per-slot request parameters as device tensors [S] (eos: [S, EOS_WIDTH], -1 padded; bias_ids and
+    bias_values: [S, BIAS_WIDTH], padded with id 0 and bias 0.0, which adds nothing)."""
 
     alpha: torch.Tensor  # float32, 0 outside contrastive decoding
     num_candidates: torch.Tensor  # long, 1 for greedy and sampling slots
@@ -113,26 +127,36 @@ class SlotParams:
     seed: torch.Tensor  # long
     max_new: torch.Tensor  # long
     eos: torch.Tensor  # [S, EOS_WIDTH] long
+    repetition: torch.Tensor  # float32, 1: off
+    presence: torch.Tensor  # float32
+    frequency: torch.Tensor  # float32
+    min_tokens: torch.Tensor  # long
+    bias_ids: torch.Tensor  # [S, BIAS_WIDTH] long
+    bias_values: torch.Tensor  # [S, BIAS_WIDTH] float32
+    lp_processed: torch.Tensor  # bool: logprobs from the processed logits (else raw)
 
     DTYPES = {"alpha": torch.float32, "num_candidates": torch.long, "contrastive_sample": torch.bool,
               "sample": torch.bool, "temperature": torch.float32, "top_k": torch.long, "top_p": torch.float32,
-              "seed": torch.long, "max_new": torch.long, "eos": torch.long}
+              "seed": torch.long, "max_new": torch.long, "eos": torch.long, "repetition": torch.float32,
+              "presence": torch.float32, "frequency": torch.float32, "min_tokens": torch.long,
+              "bias_ids": torch.long, "bias_values": torch.float32, "lp_processed": torch.bool}
+    WIDTHS = {"eos": EOS_WIDTH, "bias_ids": BIAS_WIDTH, "bias_values": BIAS_WIDTH}
 
     @classmethod
     def allocate(cls, slots: int, device) -> "SlotParams":
         values = {}
         for name, dtype in cls.DTYPES.items():
-            shape = (slots, EOS_WIDTH) if name == "eos" else (slots,)
+            shape = (slots, cls.WIDTHS[name]) if name in cls.WIDTHS else (slots,)
             values[name] = torch.zeros(shape, dtype=dtype, device=device)
         values["eos"].fill_(-1)
         values["temperature"].fill_(1.0)
         values["top_p"].fill_(1.0)
+        values["repetition"].fill_(1.0)
         return cls(**values)
 
     @classmethod
     def bytes_per_slot(cls) -> int:
-        return sum(torch.empty((), dtype=dt).element_size() * (EOS_WIDTH if n == "eos" else 1)
-                   for n, dt in cls.DTYPES.items())
+        return sum(torch.empty((), dtype=dt).element_size() * cls.WIDTHS.get(n, 1) for n, dt in cls.DTYPES.items())
 
     def view(self, rows: int) -> "SlotParams":
         """The first `rows` slots."""
@@ -176,6 +200,13 @@ class SlotPool:
     logits: torch.Tensor  # [S, V] float32
     state: SlotState
     params: SlotParams
+    seen: torch.Tensor  # [S, V] bool
+    counts: torch.Tensor  # [S, V] float32
+    lp_token: torch.Tensor  # [S, max_len] float32
+    lp_top_ids: torch.Tensor  # [S, max_len, LOGPROBS_WIDTH] long
+    lp_top_values: torch.Tensor  # [S, max_len, LOGPROBS_WIDTH] float32
+
+    EXTRA = ("seen", "counts", "lp_token", "lp_top_ids", "lp_top_values")
 
     @classmethod
     def allocate(cls, model, shape: PoolShape) -> "SlotPool":
@@ -191,10 +222,16 @@ class SlotPool:
             logits=torch.zeros(S, model.vocab_size, device=dev, dtype=torch.float32),
             state=SlotState.allocate(S, dev),
             params=SlotParams.allocate(S, dev),
+            seen=torch.zeros(S, model.vocab_size, device=dev, dtype=torch.bool),
+            counts=torch.zeros(S, model.vocab_size, device=dev, dtype=torch.float32),
+            lp_token=torch.zeros(S, shape.max_len, device=dev, dtype=torch.float32),
+            lp_top_ids=torch.zeros(S, shape.max_len, LOGPROBS_WIDTH, device=dev, dtype=torch.long),
+            lp_top_values=torch.zeros(S, shape.max_len, LOGPROBS_WIDTH, device=dev, dtype=torch.float32),
         )
 
     def nbytes(self) -> int:
         tensors = [self.kv, self.hidden, self.valid, self.tokens, self.logits]
+        tensors += [getattr(self, name) for name in self.EXTRA]
         tensors += [getattr(self.state, f.name) for f in fields(self.state)]
         tensors += [getattr(self.params, f.name) for f in fields(self.params)]
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -210,6 +247,7 @@ class SlotPool:
             state=self.state.view(rows),
             params=self.params.view(rows),
             scratch=self.shape.max_len,
+            **{name: getattr(self, name)[:rows] for name in self.EXTRA},
         )
 
 
@@ -225,3 +263,8 @@ class PoolView:
     state: SlotState
     params: SlotParams
     scratch: int  # first candidate scratch position (= max_len)
+    seen: torch.Tensor  # [R, V] bool
+    counts: torch.Tensor  # [R, V] float32
+    lp_token: torch.Tensor  # [R, max_len]
+    lp_top_ids: torch.Tensor  # [R, max_len, W]
+    lp_top_values: torch.Tensor  # [R, max_len, W]

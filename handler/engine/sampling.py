@@ -41,9 +41,17 @@ def uniform(seed: torch.Tensor, step: torch.Tensor, index: torch.Tensor, stream:
     h = _mix32((seed ^ stream) & _MASK32)  # [B]
     h = _mix32((h + step * _GOLDEN) & _MASK32)  # [B]
     h = _mix32((h[:, None] + index * _GOLDEN) & _MASK32)  # [B, N]
-    h = _mix32(h)
-    # 24 high bits -> (0, 1), never exactly 0 or 1
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / 2**24)
+    return to_unit_interval(_mix32(h))
+
+
+def to_unit_interval(h: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes (int64 in [0, 2**32)) to float32 in (0, 1), never 0 or 1.
+
+    The 23 high bits k give (k + 0.5) / 2**23, exact in float32. With 24 bits the largest value, 1 - 2**-25,
+    rounds to 1.0 in float32; its Gumbel draw is +inf, and that token would win whatever its probability,
+    about once in 2**24 draws.
+    """
+    return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / 2**23)
 
 
 def gumbel(seed, step, index, stream: int) -> torch.Tensor:
@@ -65,15 +73,21 @@ def sample_tokens(
     top_p [B] in (0, 1]; seed [B]; step scalar. Returns token ids [B].
     The order of restrictions (temperature, top-k, top-p) is the one transformers uses.
     """
-    B, V = logits.shape
     scaled = logits / temperature[:, None]  # [B, V]
     sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [B, V]
-    rank = torch.arange(V, device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k, V)
-    keep = rank < k[:, None]
-    probs = sorted_logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
-    keep &= (mass_before < top_p[:, None]) | (rank == 0)
+    keep = allowed(sorted_logits, top_k, top_p)  # [B, V]
     noisy = sorted_logits + gumbel(seed, step, order, STREAM_SAMPLE)
     choice = noisy.masked_fill(~keep, float("-inf")).argmax(dim=-1, keepdim=True)  # [B, 1]
     return order.gather(1, choice).squeeze(1)
+
+
+def allowed(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """[B, V] bool: which of the sorted tokens top-k, then top-p, leave to draw from (the first always)."""
+    V = sorted_logits.shape[1]
+    rank = torch.arange(V, device=sorted_logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, V)
+    keep = rank < k[:, None]  # [B, V]
+    probs = sorted_logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
+    # top_p = 1 is off: in float32 the running sum reaches 1.0 before a long tail ends, which would drop its tokens
+    return keep & ((mass_before < top_p[:, None]) | (rank == 0) | (top_p[:, None] >= 1.0))

@@ -28,11 +28,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from handler.engine.params import GenerationParams
+from handler.engine.logprobs import TokenLogprob
+from handler.engine.params import PARAM, GenerationParams, InvalidParameter
 from handler.engine.stopping import FinishReason, StoppingCriteria
 from handler.engine.text import Detokenize, IncrementalText
 
-Shape = tuple[int, int, bool]  # (slots, candidates, sampling) of one decode step
+Shape = tuple[int, int, bool, bool]  # (slots, candidates, sampling, extras) of one decode step
 
 
 @dataclass
@@ -64,6 +65,9 @@ class Generation:
     admitted_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token of `tokens` (params.logprobs)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # one per prompt token, [0] None;
+    # set at the prefill (params.prompt_logprobs)
 
     @property
     def request_id(self) -> str:
@@ -108,6 +112,8 @@ class DecodeBatch:
     sampling: bool  # a live request samples (decoding="sample")
     known: dict[int, int]  # slot -> tokens the host already has of it
     released: tuple[int, ...] = ()  # slots whose requests ended since the last output: the device stops them
+    extras: bool = False  # a live request asks for logits processing or logprobs (the step's `extras` flag)
+    logprobs: dict[int, int] = field(default_factory=dict)  # slot -> alternatives asked, for slots with logprobs
 
     @property
     def rows(self) -> int:
@@ -124,13 +130,16 @@ class StepOutput:
     now: float  # time.monotonic() when the host looked
     steps: int = 0  # decode steps run
     error: BaseException | None = None  # the steps failed: every live request fails with this
+    new_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # slot -> one per new token
 
 
 class Scheduler:
     """Admission, slots and stopping over a pool of `max_slots` slots of `max_len` positions (module docstring)."""
 
-    def __init__(self, max_slots: int, max_len: int, max_top_k: int, *, detokenize: Detokenize | None = None):
+    def __init__(self, max_slots: int, max_len: int, max_top_k: int, *, detokenize: Detokenize | None = None,
+                 vocab_size: int | None = None):
         self.max_slots, self.max_len, self.max_top_k = max_slots, max_len, max_top_k
+        self.vocab_size = vocab_size  # logit_bias ids are checked against it (None: not checked)
         self.detokenize = detokenize
         self.waiting: deque[Generation] = deque()
         self.running: dict[int, Generation] = {}  # slot -> generation
@@ -144,8 +153,14 @@ class Scheduler:
     # ---- requests in and out ----
 
     def require_fits(self, request: Request) -> None:
-        """ValueError when the pool cannot hold this request (the serving layer's admission refuses it first)."""
+        """ValueError when the pool cannot hold this request (the serving layer's admission refuses it first);
+        InvalidParameter("logit_bias") for a token id outside the vocabulary."""
         n, p = len(request.prompt_ids), request.params
+        if self.vocab_size is not None:
+            outside = [token for token, _ in p.logit_bias if token >= self.vocab_size]
+            if outside:
+                raise InvalidParameter("logit_bias", PARAM, f" token id {outside[0]} is outside the vocabulary "
+                                       f"(ids 0 to {self.vocab_size - 1}, size {self.vocab_size})")
         if n < 1:
             raise ValueError("the prompt has no tokens")
         if n + p.max_new_tokens > self.max_len:
@@ -219,7 +234,8 @@ class Scheduler:
     def prefilled(self, output: SchedulerOutput, failed: dict[int, BaseException],
                   now: float | None = None) -> list[Generation]:
         """The runner prefilled `output`'s admitted requests; those of `failed` (slot -> error) fail alone and
-        their slots are free again (the runner stopped them). Returns the generations that failed."""
+        their slots are free again (the runner stopped them); those with max_new_tokens=0 (scoring the prompt)
+        end with LENGTH and free their slots. Returns the generations that ended."""
         now = time.monotonic() if now is None else now
         out = []
         for slot, gen in output.admitted:
@@ -231,6 +247,9 @@ class Scheduler:
                 out.append(gen)
             else:
                 gen.admitted_at = now
+                if gen.request.params.max_new_tokens == 0:
+                    self._retire([gen], FinishReason.LENGTH)
+                    out.append(gen)
         return out
 
     def decode_batch(self) -> DecodeBatch | None:
@@ -240,7 +259,10 @@ class Scheduler:
         params = [g.request.params for g in self.running.values()]
         return DecodeBatch(tuple(sorted(self.running)), max(p.num_candidates for p in params),
                            any(p.decoding == "sample" for p in params),
-                           {slot: len(g.tokens) for slot, g in self.running.items()}, self.take_released())
+                           {slot: len(g.tokens) for slot, g in self.running.items()}, self.take_released(),
+                           any(p.extras for p in params),
+                           {slot: g.request.params.logprobs for slot, g in self.running.items()
+                            if g.request.params.logprobs is not None})
 
     def update(self, step: StepOutput) -> tuple[list[Generation], bool]:
         """Take the device's new tokens and decide which requests end. Returns (the generations that changed:
@@ -264,7 +286,9 @@ class Scheduler:
                     gen.first_token_at = step.now
                     self.last_ttft_ms = 1000 * (step.now - gen.submitted_at)
                     events = True
+            gen.logprobs.extend(step.new_logprobs.get(slot, ()))
             reason, _keep = gen.stopping.reason_to_stop(new, step.device_finished.get(slot), step.now)
+            del gen.logprobs[len(gen.tokens):]  # cut at a stop string as the tokens are
             if reason is None and new and gen.request.on_tokens is not None:
                 try:
                     gen.request.on_tokens(len(gen.tokens))

@@ -12,6 +12,7 @@ states and the same tokens.
 from __future__ import annotations
 
 import random
+import zlib
 
 import pytest
 import torch
@@ -74,7 +75,7 @@ def run_and_capture(engine: Engine, target: Request, others: list[Request], join
 @pytest.mark.parametrize("mode", list(MODES))
 def test_alone_full_pool_and_mid_flight_give_the_same_bits(fp32_model, mode):
     _, model = fp32_model
-    rng = random.Random(hash(mode) & 0xFFFF)
+    rng = random.Random(zlib.crc32(mode.encode()))  # the same in every run (hash() of a str is salted per process)
     prompt = [rng.randrange(1, model.vocab_size) for _ in range(rng.randint(3, 15))]
     target = Request("target", prompt, MODES[mode], EOS, seed=rng.randrange(2**32))
     shape = PoolShape(max_slots=8, max_len=64, max_top_k=16)

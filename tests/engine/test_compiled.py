@@ -57,8 +57,8 @@ def test_the_step_compiles_as_one_graph(compiled):
     assert report.error is None, report.error
     assert report.path == engine.step_path == "compiled"
     assert report.graphs == "none"  # no CUDA graphs on the CPU
-    assert report.shapes == [(2, 8, True)]  # the full pool, largest candidate bucket, sampler on
-    assert report.skipped_shapes == [(1, 8, True)]  # the CPU compiles the first shape only
+    assert report.shapes == [(2, 8, True, False)]  # the full pool, largest candidate bucket, sampler on, no extras
+    assert report.skipped_shapes == [(1, 8, True, False), (2, 8, True, True)]  # the CPU compiles the first only
     assert graph_breaks == {}  # fullgraph=True would have raised; nothing was split either
     assert graphs == 1
     assert report.compile_s > 0 and report.capture_s == 0 and report.graph_pool_reserved == 0
@@ -106,9 +106,10 @@ def test_fast_path_costs_no_compile_after_start(compiled, fp32_model):
 def test_fast_shapes_full_pool_first_then_one_slot_then_quarters(slots, rows):
     shape = PoolShape(slots, 64, 16)
     shapes = fast_shapes(shape)
-    assert [r for r, _, _ in shapes] == rows
-    assert all(k == shape.candidates and sampling for _, k, sampling in shapes)
-    assert len(fast_shapes(shape, max_shapes=2)) == min(2, len(rows))
+    assert [r for r, _, _, extras in shapes if not extras] == rows
+    assert shapes[-1] == (slots, shape.candidates, True, True)  # last: the full pool with the extras, covers all
+    assert all(k == shape.candidates and sampling for _, k, sampling, _ in shapes)
+    assert len(fast_shapes(shape, max_shapes=2)) == min(2, len(rows)) + 1
 
 
 def test_a_covering_set_of_shapes_gives_the_bucket_tokens(fp32_model):
@@ -126,7 +127,7 @@ def test_a_covering_set_of_shapes_gives_the_bucket_tokens(fp32_model):
 def test_a_shape_set_must_cover_the_full_pool(fp32_model):
     engine = Engine(fp32_model[1], PoolShape(4, 32, 8))
     with pytest.raises(ValueError, match="do not cover the full pool"):
-        engine.set_step(None, [(4, 8, False), (1, 8, True)])
+        engine.set_step(None, [(4, 8, False, True), (1, 8, True, True)])
 
 
 # ---- the fallbacks: a fast step that misbehaves never serves ----
@@ -148,12 +149,12 @@ class FakeFastStep:
 
         return PrepareReport("none", list(self.shapes), [], 0.01, 0.0, 0, 0)
 
-    def __call__(self, rows, k, sampling):
+    def __call__(self, rows, k, sampling, extras):
         self.calls += 1
         if self.fault == "raise" or (self.fail_after is not None and self.calls > self.fail_after):
             raise RuntimeError("injected: replay failed")
         view = self.pool.view(rows)
-        decode_one_token(self.model, view, k, sampling)
+        decode_one_token(self.model, view, k, sampling, extras)
         if self.fault == "mismatch":  # one slot's newest token off by one, as a stale graph input would do
             st = view.state
             last = (st.generated[:1] - 1).clamp(min=0)

@@ -84,20 +84,20 @@ class FakeMutantStep:
     def __init__(self, model, pool, mutation: str | None):
         self.model, self.pool, self.mutation = model, pool, mutation
 
-    def __call__(self, rows, k, sampling):
+    def __call__(self, rows, k, sampling, extras=False):
         view = self.pool.view(rows)
         if self.mutation == "dropped bias":
-            decode_one_token(fake_without_bias(self.model), view, k, sampling)
+            decode_one_token(fake_without_bias(self.model), view, k, sampling, extras)
         elif self.mutation == "wrong position":
-            decode_one_token(FakeShiftedPositions(self.model), view, k, sampling)
+            decode_one_token(FakeShiftedPositions(self.model), view, k, sampling, extras)
         elif self.mutation == "stale cache row":  # the winner's keys and values never reach the slot's position
             ar = torch.arange(rows)
             pos = view.state.next_pos.clamp(max=view.scratch - 1)
             stale = view.kv[:, :, ar, :, pos].clone()
-            decode_one_token(self.model, view, k, sampling)
+            decode_one_token(self.model, view, k, sampling, extras)
             view.kv[:, :, ar, :, pos] = stale
         else:
-            decode_one_token(self.model, view, k, sampling)
+            decode_one_token(self.model, view, k, sampling, extras)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def fp16_model(tiny_model_dir):
 ])
 def test_the_self_check_catches_a_wrong_step(fp16_model, mutation, part):
     engine = Engine(fp16_model, SHAPE)
-    check = check_steps(engine, FakeMutantStep(fp16_model, engine.pool, mutation), [(2, 8, True)])
+    check = check_steps(engine, FakeMutantStep(fp16_model, engine.pool, mutation), [(2, 8, True, False)])
     assert check.passed is False and check.failures > 0
     assert any(part in why for why in check.first_failure["why"]), check.first_failure
     assert check.worst[part] > TOLERANCE[torch.float16]
@@ -121,7 +121,7 @@ def test_the_self_check_catches_a_wrong_step(fp16_model, mutation, part):
 
 def test_the_eager_step_against_itself_passes_with_nothing_to_forgive(fp16_model):
     engine = Engine(fp16_model, SHAPE)
-    check = check_steps(engine, FakeMutantStep(fp16_model, engine.pool, None), [(2, 8, True), (1, 8, True)])
+    check = check_steps(engine, FakeMutantStep(fp16_model, engine.pool, None), [(2, 8, True, False), (1, 8, True, False)])
     assert check.passed is True and check.compared > 10
     assert check.near_ties == 0 and check.failures == 0 and set(check.worst.values()) == {0.0}
 

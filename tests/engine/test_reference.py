@@ -7,6 +7,7 @@ with transformers' own model and follows the paper's definitions literally.
 from __future__ import annotations
 
 import random
+import zlib
 
 import pytest
 
@@ -38,7 +39,7 @@ CASES = [
 @pytest.mark.parametrize("trial", range(2))
 def test_engine_matches_reference(fp32_model, decoding, alpha, k, do_sample, n, trial):
     hf, model = fp32_model
-    rng = random.Random(hash((decoding, alpha, k, do_sample, n, trial)) & 0xFFFF)
+    rng = random.Random(zlib.crc32(repr((decoding, alpha, k, do_sample, n, trial)).encode()))  # the same in every run
     prompts = random_prompts(rng, n, model.vocab_size)
     fields = {"decoding": decoding, "max_new_tokens": rng.randint(8, 24)}
     if decoding == "contrastive":

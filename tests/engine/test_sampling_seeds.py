@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from handler.engine import GenerationParams, PoolShape, Request
-from handler.engine.sampling import sample_tokens
+from handler.engine.sampling import allowed, gumbel, sample_tokens, to_unit_interval
 from tests.engine.conftest import EOS
 
 PROMPT = [464, 3290, 318, 257]
@@ -104,6 +104,28 @@ def test_the_sampler_draws_softmax_of_the_scaled_and_restricted_logits(temperatu
     freq = frequencies(drawn, V)
     assert (freq[~keep] == 0).all(), freq
     assert ((freq - p).abs() <= tolerance(p, DRAWS)).all(), (freq, p)
+
+
+# ---- the edges of the uniform draws and of top-p ----
+
+def test_every_32_bit_hash_maps_inside_the_unit_interval_so_every_gumbel_draw_is_finite():
+    edges = torch.tensor([0, 1, 2**9 - 1, 2**9, 2**31, 2**32 - 2**9 - 1, 2**32 - 2**9, 2**32 - 1])
+    u = to_unit_interval(edges)
+    assert ((u > 0) & (u < 1)).all(), u
+    assert torch.isfinite(-torch.log(-torch.log(u))).all()
+    # and through the whole hash, over many draws
+    noise = gumbel(torch.arange(64), torch.tensor(3), torch.arange(4096).expand(64, 4096), 0x1B873593)
+    assert torch.isfinite(noise).all()
+
+
+def test_top_p_of_one_keeps_a_tail_below_float32_resolution():
+    """One token holds all the mass but 1e-13: the float32 running sum is 1.0 from the second token on."""
+    sorted_logits = torch.tensor([[30.0, 0.0, 0.0, -1.0]])
+    assert float(torch.softmax(sorted_logits, -1)[0, 0]) == 1.0  # the premise
+    keep = allowed(sorted_logits, torch.tensor([0]), torch.tensor([1.0]))
+    assert keep.all(), keep
+    # and top_p just below 1 is a real cut there
+    assert allowed(sorted_logits, torch.tensor([0]), torch.tensor([0.999])).tolist() == [[True, False, False, False]]
 
 
 def test_the_engines_first_draws_follow_transformers_distribution(fp32_model, make_engine):
