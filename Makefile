@@ -18,6 +18,8 @@
 #            pulled; prints build time, image size, cold start to the first answer and the stop time. Needs root
 #            (Debian's docker.io and debootstrap are installed when missing) and ~15 GB of disk; not part of make test
 # make quality  repetition and diversity of each decoding mode on the tiny model (benchmarks/quality.py)
+# make eval  lm-evaluation-harness (eval/tasks/: a loglikelihood and a generate_until task) against `make run`'s
+#            server, or a fresh one when none answers; its loglikelihoods checked against transformers (float32)
 # make soak  20,000 mixed requests (hang-ups and bad ones included) against a fresh server, the worker's memory
 #            and open files sampled (benchmarks/soak.py; CI runs 3,000 in tests/e2e/test_soak.py)
 PYTHON ?= python3
@@ -34,12 +36,13 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: keys renew-keys image image-test image-packages image-check mutants fuzz run stop test venv model archive serve register query bench bench-hf quality soak clean system-packages gpu-wheels gpu-report
+.PHONY: eval keys renew-keys image image-test image-packages image-check mutants fuzz run stop test venv model archive serve register query bench bench-hf quality soak clean system-packages gpu-wheels gpu-report
 
-$(BIN)/.installed: requirements.txt requirements-k8s-test.txt pyproject.toml
+$(BIN)/.installed: requirements.txt requirements-k8s-test.txt requirements-eval.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-k8s-test.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-eval.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -122,6 +125,9 @@ bench: venv
 
 quality: model
 	$(BIN)/python -m benchmarks.quality --model-dir $(MODEL_DIR)
+
+eval: venv model
+	$(BIN)/python -m gpt2ops.lm_eval_run --model $(MODEL_NAME) --model-dir $(MODEL_DIR) --run-dir $(RUN_DIR) --config $(TS_CONFIG)
 
 soak: venv
 	$(BIN)/python -m benchmarks.soak

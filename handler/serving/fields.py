@@ -23,9 +23,9 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
-from handler.engine.params import (DECODING_MODES, MAX_EOS_IDS, MAX_LOGPROBS, PARAM, RANGES, GenerationParams,
-                                   InvalidParameter, Range, as_boolean, as_decoding, as_integer, as_number, describe,
-                                   fmt, require_mode_agrees, type_name)
+from handler.engine.params import (DECODING_MODES, LOGPROBS_SOURCES, MAX_EOS_IDS, MAX_LOGIT_BIAS, PARAM, RANGES,
+                                   GenerationParams, InvalidParameter, Range, as_boolean, as_decoding, as_integer,
+                                   as_number, describe, fmt, require_mode_agrees, type_name)
 from handler.serving.errors import RequestError
 from handler.serving.limits import RequestLimits, refuse_unknown_keys
 
@@ -71,9 +71,7 @@ def read_token_ids(name: str, value: Any, limits: RequestLimits) -> tuple[int, .
     return tuple(items)
 
 
-LOGIT_BIAS_IDS = 300  # most ids one logit_bias may name (as OpenAI's)
-LOGIT_BIAS_BOUND = 100.0  # a bias is in [-100, 100] (OpenAI's)
-LOGPROBS_SOURCES = ("raw", "processed")
+LOGIT_BIAS_BOUND = RANGES["logit_bias/bias"].high  # a bias is in [-100, 100] (OpenAI's)
 
 
 def read_logit_bias(name: str, value: Any, limits: RequestLimits) -> tuple[tuple[int, float], ...]:
@@ -81,8 +79,8 @@ def read_logit_bias(name: str, value: Any, limits: RequestLimits) -> tuple[tuple
     if not isinstance(value, dict):
         raise InvalidParameter(name, PARAM, ' must be an object of token id -> bias, such as {"50256": -100}, '
                                f"got {type_name(value)}")
-    if len(value) > LOGIT_BIAS_IDS:
-        raise InvalidParameter(name, PARAM, f" may name at most {LOGIT_BIAS_IDS} token ids, got {len(value)}")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise InvalidParameter(name, PARAM, f" may name at most {MAX_LOGIT_BIAS} token ids, got {len(value)}")
     pairs: dict[int, float] = {}
     for key, bias in value.items():
         if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10):
@@ -124,11 +122,10 @@ class Field:
     bound: Bound | dict[str, Bound] | None = None  # an operator limit on the upper end (per mode when a dict)
     configurable: bool = True  # an operator may set its default in handler.defaults
     default_doc: str | None = None  # the default as docs/api.md shows it, where the value says it badly
-    base: Range | None = None  # the range where the engine has none in RANGES
 
     def range(self, mode: str, limits: RequestLimits, vocab_size: int) -> Range | None:
         """The allowed range in `mode` for this worker (None: not a number)."""
-        base = RANGES.get(f"{self.name}/{mode}") or RANGES.get(self.name) or self.base
+        base = RANGES.get(f"{self.name}/{mode}") or RANGES.get(self.name)
         bound = self.bound.get(mode) if isinstance(self.bound, dict) else self.bound
         if base is None or bound is None:
             return base
@@ -174,22 +171,21 @@ FIELDS = (
           "−2 … 2 (0: off); OpenAI's: a token loses this much logit for each time it was generated"),
     Field("logit_bias", "object", read_logit_bias,
           "token id (a string, as OpenAI's: `{{\"50256\": -100}}`) → bias added to its logit, −100 … 100; at most "
-          f"{LOGIT_BIAS_IDS} ids, each in the vocabulary", configurable=False, default_doc="none"),
+          f"{MAX_LOGIT_BIAS} ids, each in the vocabulary", configurable=False, default_doc="none"),
     Field("min_tokens", "integer", read_integer,
           "0 … `max_new_tokens`: no end-of-text token (`eos_token_id`) before this many new tokens", configurable=False),
     Field("logprobs", "integer", read_integer,
           "0 … `limits.max_logprobs` ({limits.max_logprobs}): each generated token's logprob and its n most likely "
           "alternatives, in the answer's `logprobs`", bound=lambda limits, vocab: limits.max_logprobs,
-          configurable=False, default_doc="none", base=Range(0, MAX_LOGPROBS)),
+          configurable=False, default_doc="none"),
     Field("prompt_logprobs", "integer", read_integer,
           "0 … `limits.max_logprobs` ({limits.max_logprobs}): each prompt token's logprob (the first's is null) and "
           "its n most likely alternatives, in the answer's `prompt_logprobs`",
-          bound=lambda limits, vocab: limits.max_logprobs, configurable=False, default_doc="none",
-          base=Range(0, MAX_LOGPROBS)),
+          bound=lambda limits, vocab: limits.max_logprobs, configurable=False, default_doc="none"),
     Field("logprobs_source", "string", read_source,
           "the distribution logprobs come from: `raw`, the model's own log-softmax (vLLM's default); `processed`, "
           "after the penalties, `logit_bias`, `min_tokens` and (when sampling) temperature: what the token was "
-          "chosen from"),
+          "chosen from. The prompt's logprobs are always raw"),
 )
 BY_NAME = {f.name: f for f in FIELDS}
 PROMPT = "prompt"

@@ -227,4 +227,6 @@ def test_the_native_answer_carries_both_lists_and_its_stream_splits_them(tokeniz
     assert whole["logprobs"] == entries and whole["prompt_logprobs"] == last["prompt_logprobs"]
     assert entries[0] == {"token": strings.string(ids[0]), "token_id": ids[0], "logprob": -0.1, "offset": 0,
                           "top_logprobs": [{"token": strings.string(ids[0] + 1), "token_id": ids[0] + 1,
-                                            "logprob": -0.05}]}
+                                            "logprob": -0.05},
+                                           {"token": strings.string(ids[0] + 2), "token_id": ids[0] + 2,
+                                            "logprob": -0.5}]}
