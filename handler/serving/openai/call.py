@@ -12,6 +12,10 @@ and modes through `GenerationParams`: one home for each rule) in one function, `
 - `seed` seeds the choices when the request samples (choice i of a prompt gets
   seed + i, so that n > 1 gives different texts, reproducibly); deterministic
   decodings need none and drop it.
+- `logprobs` -> `logprobs`, and with `echo` also `prompt_logprobs` (as vLLM maps
+  them); `max_tokens: 0` only with `echo` (the prompt scored, nothing generated);
+  `logit_bias`, the penalties and `min_tokens` under the same names. The answer's
+  `logprobs` objects: `handler.serving.logprobs`.
 
 Several choices (a list of prompts, `n` > 1) are several engine generations of
 one call (`CompletionCall`, a `handler.serving.call.Call`); it stays open until
