@@ -472,3 +472,33 @@ def test_the_docs_table_lists_the_fields_the_code_knows_with_the_shipped_config(
     assert f"`limits.max_choices` ({limits.max_choices}," in rows["n"]
     assert f"0 … `limits.max_logprobs` ({limits.max_logprobs})" in rows["logprobs"]
 
+
+
+def test_logprobs_plain_and_streamed_agree_and_echo_scores_the_prompt(handler):
+    """Through the handler and the engine: the stream's chunks carry their tokens' logprobs, joined they are the
+    plain answer's; echo puts the prompt's tokens first (the first one null), also with max_tokens 0."""
+    body = {"prompt": ["你是谁?", "Who are you"], "max_tokens": 30, "temperature": 0, "logprobs": 2, "echo": True,
+            "ignore_eos": True}
+    plain = json.loads(send(handler, [body])[1][0])
+    got = events(send(handler, [{**body, "stream": True}])[1][0])
+    keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    joined = {}
+    for e in got[:-1]:
+        [c] = e["choices"]
+        into = joined.setdefault(c["index"], {"text": "", **{k: [] for k in keys}})
+        into["text"] += c["text"]
+        for k in keys:
+            into[k] += c["logprobs"][k]
+    for choice in plain["choices"]:
+        lp, prompt = choice["logprobs"], body["prompt"][choice["index"]]
+        n = len(handler.loaded.tokenizer.encode(prompt))
+        assert joined[choice["index"]] == {"text": choice["text"], **lp}
+        assert choice["text"].startswith(prompt) and len(lp["tokens"]) == n + 30
+        assert lp["token_logprobs"][0] is None and lp["text_offset"][n] == len(prompt)
+        assert all(lp["token_logprobs"][i] == max(lp["top_logprobs"][i].values()) for i in range(n, n + 30))
+    scored = json.loads(send(handler, [{**body, "max_tokens": 0}])[1][0])
+    for choice, full in zip(scored["choices"], plain["choices"]):
+        n = len(choice["logprobs"]["tokens"])
+        assert choice["text"] == body["prompt"][choice["index"]] and choice["finish_reason"] == "length"
+        assert choice["logprobs"] == {k: v[:n] for k, v in full["logprobs"].items()}
+    assert scored["usage"]["completion_tokens"] == 0
