@@ -3,7 +3,8 @@
 #            (same keys, other registered models stay) and replaces $(MODEL_NAME) with the archive just built.
 # make stop  stop that server; returns once its processes are gone
 # make keys  print that server's keys and when they expire; make renew-keys: new inference and management keys
-# make test  the whole test suite (what CI runs); its fuzz tests replay tests/fuzz-examples/ and a fixed seed
+# make test  the whole test suite (what CI runs); its fuzz tests replay tests/fuzz-examples/ and a fixed seed;
+#            installs transformers 4.55.4 into .hf455/ first (the contrastive-search parity test's baseline)
 # make fuzz  fresh fuzz inputs for FUZZ_MINUTES (default 10); failures saved in tests/fuzz-examples/ (commit them)
 # make mutants  the mutation check (scripts/mutants.py): killed/survived per committed mutant; not part of CI
 # make gpu-wheels  (a machine with network) the wheels a GPU machine lacks, into .whl/: TorchServe's `ts`, and
@@ -31,6 +32,7 @@ RUN_DIR ?= run
 TS_CONFIG ?= config.properties
 MODEL_STORE ?= model_store
 PROMPT ?= 你是谁?
+HF455 := .hf455
 
 export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
@@ -94,8 +96,15 @@ keys: venv
 renew-keys: venv
 	@$(BIN)/python scripts/keys.py --renew --run-dir $(RUN_DIR) --config $(TS_CONFIG)
 
-test: venv
+test: venv $(HF455)/.installed
 	$(BIN)/python -m pytest -q --durations=25 tests
+
+# transformers 4.55.4 (the last with contrastive search) beside the venv's transformers 5, for the parity test
+# (tests/engine/test_hf455_parity.py runs it in a subprocess with PYTHONPATH=.hf455; torch is the venv's)
+$(HF455)/.installed: | venv
+	rm -rf $(HF455)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --target $(HF455) $(HF_BASELINE_PINS)
+	touch $@
 
 # Debian's Docker engine (dockerd, run as root on a private socket by the image test) and debootstrap (the
 # stand-in base where no registry answers). Installed only when missing, as `system-packages` does.

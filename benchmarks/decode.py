@@ -5,6 +5,7 @@
     python -m benchmarks.decode --compile --modes contrastive --batch 1   # + the compiled step beside it
     python -m benchmarks.decode --device cuda --shape 110m 3.5b --new-tokens 128   # eager, compiled, graphs
     python -m benchmarks.decode --device cuda --steps eager graphs trees --json out.json
+    python -m benchmarks.decode --extras-cost --batch 8 32       # the step before/after issue 22, extras' cost
 
 Each configuration: a 16-token prompt per row, `--new-tokens` new tokens, no early stop
 (no end-of-text token), timed after a warm-up run. ms/step is the time of one decoding
@@ -19,6 +20,13 @@ the CPU, where `--compile` adds the compiled step):
 - compiled  `torch.compile(fullgraph=True)` of the same step (handler.engine.compiled.FastStep, no graphs);
 - graphs    the compiled step captured in a CUDA graph per shape, replayed (the handler's `compile: auto`);
 - trees     the compiled step with mode="reduce-overhead" (cudagraph trees), the alternative to manual capture.
+
+`--extras-cost` prints another table instead (`extras_cost`): ms per decode step of one pool, the step as it was
+before logits processing and logprobs existed (handler/engine/step.py at BEFORE_REV, loaded from git) against
+today's step with its `extras` flag off (what a batch that asks for none of it runs) and on (penalties, bias,
+min_tokens and logprobs asked by every row), timed in interleaved blocks on the same pool so that drift and the
+growing context fall on every variant alike; the median block is reported. The engine-level cost (host
+transfers of the logprobs included) is in the main table's `+penalties` and `+logprobs` modes.
 
 A fast step runs one shape here: the full pool with the largest candidate bucket and the sampler on (what
 the handler's fast shapes are), so the sampler's sort over the vocabulary is in its time even when no row
@@ -52,7 +60,11 @@ MODES = {
     "contrastive-sampling": GenerationParams(penalty_alpha=0.6, top_k=4, do_sample=True, temperature=0.7),
     "greedy": GenerationParams(decoding="greedy"),
     "sample": GenerationParams(decoding="sample", top_k=50, top_p=0.95, do_sample=True),
+    "contrastive+penalties": GenerationParams(penalty_alpha=0.6, top_k=4, repetition_penalty=1.2,
+                                              presence_penalty=0.5, frequency_penalty=0.5, logit_bias=((5, 2.0),)),
+    "contrastive+logprobs": GenerationParams(penalty_alpha=0.6, top_k=4, logprobs=5),
 }
+BEFORE_REV = "d3270e2"  # main before issue 22: its handler/engine/step.py is the "before" step of --extras-cost
 
 
 def build(shape: str, device: torch.device, dtype: torch.dtype):
@@ -152,6 +164,85 @@ def forget_compiled(device) -> None:
         torch.cuda.empty_cache()
 
 
+def step_before(rev: str = BEFORE_REV):
+    """handler/engine/step.py as it was at `rev`, as a module (it runs on today's pool: the fields it knows)."""
+    import subprocess
+    import types
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = subprocess.run(["git", "show", f"{rev}:handler/engine/step.py"], cwd=root, check=True,
+                            capture_output=True, text=True).stdout
+    module = types.ModuleType("step_before")
+    exec(compile(source, f"step.py@{rev}", "exec"), module.__dict__)
+    return module
+
+
+def extras_cost(model, batch: int, prompt_len: int, steps: int, device, kind: str, block: int = 8) -> dict:
+    """ms per step (median block) of: the step before issue 22, today's step with extras off, and on."""
+    from handler.engine.pool import SlotPool
+    from handler.engine.step import decode_one_token, prefill_slot
+
+    before = step_before()
+    variants = {"before": (before.decode_one_token, ()), "extras off": (decode_one_token, (False,)),
+                "extras on": (decode_one_token, (True,))}
+    warm = 2
+    pool = SlotPool.allocate(model, PoolShape(batch, prompt_len + (steps + warm * block) * len(variants) + 1, 4))
+    params = GenerationParams(penalty_alpha=0.6, top_k=4, max_new_tokens=pool.shape.max_len - prompt_len,
+                              repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.5,
+                              logit_bias=((5, 2.0),), min_tokens=1, logprobs=5)
+    g = torch.Generator().manual_seed(batch)
+    view = pool.view(batch)
+    K = pool.shape.candidates
+    calls = {}
+    for name, (fn, extra) in variants.items():
+        if kind == "compiled":
+            fn = torch.compile(fn, fullgraph=True, dynamic=False)
+        calls[name] = (lambda fn=fn, extra=extra: fn(model, view, K, False, *extra))
+    times = {name: [] for name in variants}
+    with torch.inference_mode():
+        for slot in range(batch):
+            prompt = torch.randint(1, model.vocab_size, (prompt_len,), generator=g).tolist()
+            prefill_slot(model, pool, slot, prompt, params, (), seed=slot)
+        order = list(variants)
+        for n in range(steps // block + warm):
+            order = order[1:] + order[:1]  # each variant first in turn
+            for name in order:
+                sync(device)
+                start = time.perf_counter()
+                for _ in range(block):
+                    calls[name]()
+                sync(device)
+                if n >= warm:
+                    times[name].append(1000 * (time.perf_counter() - start) / block)
+        assert not pool.state.finished[:batch].any()
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def main_extras_cost(args) -> int:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    steps = args.new_tokens or 64
+    kinds = [s for s in (args.steps or ["eager"]) if s in ("eager", "compiled")]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "CPU")
+    print(f"# device: {device} ({name}); torch {torch.__version__}; dtype {str(dtype)[6:]}; "
+          f"threads {torch.get_num_threads()}; cpus {os.cpu_count()}")
+    print(f"# contrastive k=4, prompt {args.prompt_tokens} tokens, {steps} steps per variant in interleaved blocks "
+          f"of 8 (median block); before: handler/engine/step.py at {BEFORE_REV}")
+    print("| shape | step | batch | before ms/step | extras off ms/step | off / before | extras on ms/step "
+          "| on / before |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for shape in args.shape:
+        _, model = build(shape, device, dtype)
+        for kind in kinds:
+            for batch in args.batch:
+                t = extras_cost(model, batch, args.prompt_tokens, steps, device, kind)
+                print(f"| {shape} | {kind} | {batch} | {t['before']:.2f} | {t['extras off']:.2f} | "
+                      f"{t['extras off'] / t['before']:.3f} | {t['extras on']:.2f} | "
+                      f"{t['extras on'] / t['before']:.3f} |", flush=True)
+                forget_compiled(device)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = base_parser(__doc__)
     parser.add_argument("--modes", nargs="+", default=list(MODES) + ["hf-greedy"])
@@ -161,7 +252,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                         help="default: float16 on CUDA, float32 on the CPU")
     parser.add_argument("--json", default=None, help="also write every row to this file")
+    parser.add_argument("--extras-cost", action="store_true",
+                        help="the step before/after issue 22 and the extras' cost (module docstring)")
     args = parser.parse_args(argv)
+    if args.extras_cost:
+        return main_extras_cost(args)
     device = torch.device(args.device)
     steps = args.steps or (["eager", "compiled", "graphs"] if device.type == "cuda" else ["eager"])
     if args.compile and "compiled" not in steps:

@@ -14,7 +14,7 @@ import pytest
 from tests.readme import DOCS, README, REPO, pages, words
 
 # what `make` and the server write: named in the docs, never in the tree of a fresh clone
-GENERATED = ("artifacts/", "run/", "model_store/", ".venv", ".venv-hf", ".whl", ".gpu-report", "gpu-report.")
+GENERATED = ("artifacts/", "run/", "model_store/", ".venv", ".venv-hf", ".hf455", ".whl", ".gpu-report", "gpu-report.")
 TOP = {p.name for p in REPO.iterdir() if p.name != ".git"}
 PATH_WORD = re.compile(r"^\.?[\w-]+(\.[\w-]+)*(/[\w.*<>{}-]+)*/?$")
 

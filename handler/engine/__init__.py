@@ -14,14 +14,16 @@ No TorchServe here (the handler in `handler.gpt2_handler` adapts TorchServe to i
 - `runner`     the pool, the model and the decode step, carrying out the scheduler's outputs
 - `core`       `Engine`: the scheduler and the runner driven step by step (continuous batching, warm-up)
 - `stopping`   why a generation ends (`FinishReason`), decided in one place
-- `params`     `GenerationParams`: what one request asks for
+- `params`     `GenerationParams`: what one request asks for (penalties, logit_bias, min_tokens, logprobs included)
+- `logprobs`   `TokenLogprob`: a token's logprob and its most likely alternatives, as the engine hands them out
 - `text`       tokens to text: stop strings, settled increments for streaming
 """
 
+from handler.engine.logprobs import TokenLogprob
 from handler.engine.params import GenerationParams
 from handler.engine.pool import PoolShape
 from handler.engine.core import Engine, generate
 from handler.engine.scheduler import Generation, Request
 from handler.engine.stopping import FinishReason
 
-__all__ = ["Engine", "FinishReason", "Generation", "GenerationParams", "PoolShape", "Request", "generate"]
+__all__ = ["Engine", "FinishReason", "Generation", "GenerationParams", "PoolShape", "Request", "TokenLogprob", "generate"]

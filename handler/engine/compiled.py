@@ -78,11 +78,14 @@ COMPILE_BUDGET_S = 60.0  # on a GPU: a shape after the first is compiled only if
 GRAPH_MODES = ("manual", "trees", "none")
 
 
-def fast_shapes(shape: PoolShape, max_shapes: int = MAX_SHAPES) -> list[Shape]:
-    """The shapes the fast step is built for, in the order they are compiled (see the module docstring)."""
+def fast_shapes(shape: PoolShape, max_shapes: int = MAX_SHAPES, *, fixed: bool = False) -> list[Shape]:
+    """The shapes the fast step is built for, in the order they are compiled (see the module docstring); with
+    `fixed` (decode_shapes: fixed, every step at the full pool with the extras on) that one shape."""
     if max_shapes < 1:
         raise ValueError("max_shapes must be >= 1")
     S, K = shape.max_slots, shape.candidates
+    if fixed:
+        return [(S, K, True, True)]
     rows, r = [S], S // 4
     while r > 1:
         rows.append(r)

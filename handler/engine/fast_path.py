@@ -406,7 +406,7 @@ def enable_fast_path(engine: Engine, setting: str = "auto", *, graphs: str = "au
         report.reason = ("compile: auto on the CPU serves eager (the compiled step measured slower than eager "
                          "on the CPU; compile: on forces it)")
         return report
-    shapes = fast_shapes(engine.shape, max_shapes)
+    shapes = fast_shapes(engine.shape, max_shapes, fixed=engine.runner.fixed_shapes)
     fast = None
     try:
         fast = (build or FastStep)(engine.model, engine.pool, shapes, graphs=graphs, budget_s=budget_s)

@@ -46,7 +46,7 @@ class Runner:
         self.model = model
         self.shape = shape
         self.sync_every = sync_every
-        self.fixed_shapes = fixed_shapes  # every step at the full pool shape (one shape, any device)
+        self.fixed_shapes = fixed_shapes  # every step at the full pool shape, extras on (one shape, any device)
         self.pool = SlotPool.allocate(model, shape)
         self.buckets = slot_buckets(shape.max_slots)
         self._step: Callable[[int, int, bool, bool], None] | None = None
@@ -81,7 +81,7 @@ class Runner:
         if self._shapes is not None:
             return list(self._shapes)
         if self.fixed_shapes:
-            return [(self.shape.max_slots, self.shape.candidates, True, extras) for extras in (False, True)]
+            return [(self.shape.max_slots, self.shape.candidates, True, True)]
         ks = [k for k in CANDIDATE_BUCKETS if k <= self.shape.candidates]
         return [(rows, k, sampling, extras) for rows in self.buckets for k in ks for sampling in (False, True)
                 for extras in (False, True)]
@@ -89,8 +89,8 @@ class Runner:
     def shape_for(self, batch: DecodeBatch) -> Shape:
         """(slots, candidates, sampling, extras) of the next steps: the smallest shape that holds the live slots
         (the one they need when no shape of the installed set covers it: eager runs it)."""
-        if self.fixed_shapes:
-            need = (self.shape.max_slots, self.shape.candidates, True, batch.extras)
+        if self.fixed_shapes:  # one shape, the extras on: the same bits whatever the neighbours ask for
+            need = (self.shape.max_slots, self.shape.candidates, True, True)
         else:
             rows = next(b for b in self.buckets if b >= batch.rows)
             need = (rows, candidate_bucket(batch.candidates), batch.sampling, batch.extras)

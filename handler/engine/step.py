@@ -46,7 +46,7 @@ from handler.engine.ranking import choice_values, contrastive_scores, degenerati
 from handler.engine.sampling import STREAM_CONTRASTIVE, gumbel, sample_tokens
 
 PAD_ID = 0  # the token finished and free slots feed; never attended to
-PROMPT_LOGPROBS_CHUNK = 64  # prompt positions whose logits exist at once (prompt_logprobs): bounds the prefill's
+PROMPT_LOGPROBS_CHUNK = 16  # prompt positions whose logits exist at once (prompt_logprobs): bounds the prefill's
 # memory to CHUNK x V x 4 bytes twice, whatever the prompt's length (handler.memory.plan counts it)
 
 

@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from handler.engine.pool import PoolShape, pool_bytes
+from handler.engine.step import PROMPT_LOGPROBS_CHUNK
 
 MIB = 2**20
 DEFAULT_CONTEXT_MIB = 520.0  # H100, PyTorch 2.11, CUDA_MODULE_LOADING=LAZY (a prediction until a GPU report measures it: docs/memory.md)
@@ -82,19 +83,22 @@ def pool_parts(shape: ModelShape, pool: PoolShape, dtype_bytes: int) -> dict[str
 
 def prefill_activation_bytes(shape: ModelShape, pool: PoolShape, dtype_bytes: int, prompt_len: int | None = None) -> int:
     """One prompt's prefill alone: residual, qkv, attention output, MLP in and out, the [H, T, T] scores of a
-    math attention, the last position's logits."""
+    math attention, the last position's logits, and for prompt_logprobs one chunk of positions' logits and their
+    log-softmax (handler.engine.step.PROMPT_LOGPROBS_CHUNK)."""
     d, H, V = shape.n_embd, shape.n_head, shape.vocab_size
     T = prompt_len if prompt_len is not None else pool.max_len
-    return T * _per_token_bytes(shape, dtype_bytes) + H * T * T * dtype_bytes + V * 4
+    return T * _per_token_bytes(shape, dtype_bytes) + H * T * T * dtype_bytes + V * 4 \
+        + min(T, PROMPT_LOGPROBS_CHUNK) * V * 4 * 2
 
 
 def step_activation_bytes(shape: ModelShape, pool: PoolShape, dtype_bytes: int) -> int:
     """One full-pool decode step: per candidate (S*K rows) as in the prefill, scores over every position,
-    logits and probabilities in float32, and the sampler's sorted logits, order and noise."""
+    logits and probabilities in float32, the sampler's sorted logits, order and noise, and with the extras on
+    (logits processing, logprobs) the processed logits, their log-softmax and two temporaries in float32."""
     V, H, S, K = shape.vocab_size, shape.n_head, pool.max_slots, pool.candidates
     rows = S * K
     return rows * _per_token_bytes(shape, dtype_bytes) + rows * H * pool.positions * 4 + S * V * 4 * 3 \
-        + S * V * (4 + 8) * 2
+        + S * V * (4 + 8) * 2 + S * V * 4 * 4
 
 
 def _per_token_bytes(shape: ModelShape, dtype_bytes: int) -> int:

@@ -55,12 +55,20 @@ MODES = {
     "contrastive-sampling": GenerationParams(max_new_tokens=24, do_sample=True, temperature=0.7),
     "greedy": GenerationParams(decoding="greedy", max_new_tokens=24),
     "sample": GenerationParams(decoding="sample", do_sample=True, max_new_tokens=24, top_k=50, top_p=0.9),
+    # logits processing and logprobs (issue 22): per row, so neighbours change none of it either
+    "contrastive-penalties-logprobs": GenerationParams(max_new_tokens=24, repetition_penalty=1.3, presence_penalty=0.5,
+                                                       frequency_penalty=0.4, logit_bias=((3, 2.0), (260, -5.0)),
+                                                       min_tokens=4, logprobs=5, prompt_logprobs=2),
+    "greedy-logprobs": GenerationParams(decoding="greedy", max_new_tokens=24, logprobs=20, repetition_penalty=1.5),
+    "sample-processed-logprobs": GenerationParams(decoding="sample", do_sample=True, max_new_tokens=24, top_k=50,
+                                                  frequency_penalty=0.8, logprobs=3, logprobs_source="processed"),
 }
 NEIGHBOURS = list(MODES.values())
 
 
-def run_and_capture(engine: Engine, target: Request, others: list[Request], join_after: int) -> tuple[list[int], torch.Tensor]:
-    """Run `others`, submit `target` after `join_after` iterations, finish all; the target's tokens and context."""
+def run_and_capture(engine: Engine, target: Request, others: list[Request], join_after: int) -> tuple:
+    """Run `others`, submit `target` after `join_after` iterations, finish all; the target's tokens, context,
+    logprobs and prompt logprobs."""
     for r in others:
         engine.submit(r)
     for _ in range(join_after):
@@ -69,7 +77,7 @@ def run_and_capture(engine: Engine, target: Request, others: list[Request], join
     while engine.busy:
         engine.iterate()
     n = len(target.prompt_ids) + len(gen.tokens) - 1  # positions whose context state exists
-    return gen.tokens, engine.pool.hidden[gen.slot, :n].clone()
+    return gen.tokens, engine.pool.hidden[gen.slot, :n].clone(), gen.logprobs, gen.prompt_logprobs
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -89,6 +97,8 @@ def test_alone_full_pool_and_mid_flight_give_the_same_bits(fp32_model, mode):
     mid_flight = run_and_capture(Engine(model, shape, sync_every=2), target, others(7), 2)
     fixed = run_and_capture(Engine(model, shape, fixed_shapes=True), target, others(3), 1)
     assert len(alone[0]) > 0
-    for tokens, context in (full, mid_flight, fixed):
+    for tokens, context, logprobs, prompt_logprobs in (full, mid_flight, fixed):
         assert tokens == alone[0]
         assert torch.equal(context, alone[1])  # bitwise, every context position
+        assert (logprobs, prompt_logprobs) == (alone[2], alone[3])  # the same floats, not close ones
+    assert len(alone[2]) == (len(alone[0]) if MODES[mode].logprobs is not None else 0)

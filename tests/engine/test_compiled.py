@@ -97,6 +97,39 @@ def test_fast_path_costs_no_compile_after_start(compiled, fp32_model):
     assert counters["stats"]["unique_graphs"] == before
 
 
+EXTRAS = [
+    GenerationParams(max_new_tokens=18, repetition_penalty=1.4, presence_penalty=0.5, frequency_penalty=0.3,
+                     logit_bias=((5, 2.0), (260, -4.0)), min_tokens=5, logprobs=5),
+    GenerationParams(decoding="sample", do_sample=True, max_new_tokens=16, top_k=50, frequency_penalty=0.7,
+                     logprobs=3, logprobs_source="processed"),
+    GenerationParams(decoding="greedy", max_new_tokens=20, logprobs=20, repetition_penalty=1.3),
+    GenerationParams(max_new_tokens=12),  # asks for nothing, beside those that do
+]
+
+
+def test_the_step_with_its_extras_compiles_as_one_graph_and_decodes_as_eager(fp32_model):
+    """decode_shapes: fixed compiles the one full shape with the extras on (penalties, logprobs)."""
+    _, model = fp32_model
+    counters.clear()
+    engine = Engine(model, SHAPE, sync_every=3, fixed_shapes=True)
+    report = enable_fast_path(engine, "on")
+    assert report.error is None and report.path == engine.step_path == "compiled", report.reason
+    assert report.shapes == [(2, 8, True, True)] and dict(counters["graph_break"]) == {}
+    assert report.step_check["passed"] and report.step_check["compared"] > 0
+    assert report.step_check["worst"]["lp_token"] <= 1e-4 and report.agreement["agreement"] == 1.0
+    rng = random.Random(4)
+    requests = [Request(f"x{i}", [rng.randrange(1, model.vocab_size) for _ in range(rng.randint(1, 20))],
+                        EXTRAS[i % len(EXTRAS)], EOS, seed=rng.randrange(2**32)) for i in range(6)]
+    fast = engine.run_to_completion(requests)
+    eager = Engine(model, SHAPE, sync_every=3, fixed_shapes=True).run_to_completion(requests)
+    assert engine.step_path == "compiled" and all(g.error is None for g in fast + eager)
+    assert [g.tokens for g in fast] == [g.tokens for g in eager]
+    for f, e in zip(fast, eager):
+        assert len(f.logprobs) == len(e.logprobs) == (len(e.tokens) if e.request.params.logprobs is not None else 0)
+        for a, b in zip(f.logprobs, e.logprobs):
+            assert a.token_id == b.token_id and abs(a.logprob - b.logprob) <= 1e-4
+
+
 # ---- the shapes ----
 
 

@@ -61,7 +61,7 @@ def test_compile_on_serves_the_compiled_step_and_says_so(tiny_model_dir):
     assert step["live"] == step["path"] == "compiled" and step["setting"] == "on"
     assert step["step_check"]["passed"] is True and step["agreement"]["differing_tokens"] == 0
     assert step["fallback"] is None and step["healthy"] is True
-    assert step["shapes"] == [[SHAPE.max_slots, SHAPE.candidates, True]]
+    assert step["shapes"] == [[SHAPE.max_slots, SHAPE.candidates, True, False]]
     assert step["compile_s"] > 0 and step["graph_mib"] == 0.0 and step["error"] is None
     codes, answers = ask(h, BODIES)
     assert codes == [200, 200, 200]

@@ -4,6 +4,7 @@ reference (tests/reference.py: the definitions token by token) in every mode (ti
 from __future__ import annotations
 
 import random
+import zlib
 
 import pytest
 
@@ -82,7 +83,7 @@ MODES = {
 @pytest.mark.parametrize("mode", list(MODES))
 def test_engine_matches_reference_with_each_penalty(fp32_model, mode, penalty):
     hf, model = fp32_model
-    rng = random.Random(hash((mode, penalty)) & 0xFFFF)
+    rng = random.Random(zlib.crc32(repr((mode, penalty)).encode()))  # the same in every run
     params = GenerationParams(max_new_tokens=rng.randint(12, 18), **MODES[mode], **PENALTIES[penalty])
     prompts = [[rng.randrange(1, model.vocab_size) for _ in range(rng.randint(1, 10))] for _ in range(3)]
     requests = requests_for(prompts, params, [rng.randrange(2**32) for _ in prompts])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import zlib
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ def assert_same_logprobs(got: list[TokenLogprob], want: list, n: int) -> None:
 @pytest.mark.parametrize("mode", list(MODES))
 def test_logprobs_match_the_reference(fp32_model, mode, source):
     hf, model = fp32_model
-    rng = random.Random(hash((mode, source)) & 0xFFFF)
+    rng = random.Random(zlib.crc32(repr((mode, source)).encode()))  # the same in every run
     n = rng.choice([0, 1, 5, 20])
     params = GenerationParams(max_new_tokens=rng.randint(8, 14), logprobs=n, logprobs_source=source,
                               repetition_penalty=1.4, frequency_penalty=0.3, logit_bias=((7, 2.0),), **MODES[mode])

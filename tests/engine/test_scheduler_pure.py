@@ -161,3 +161,60 @@ def test_a_request_id_is_taken_once():
     s.submit(request("a"))
     with pytest.raises(ValueError, match="already in the engine"):
         s.submit(request("a"))
+
+
+# ---- issue 22: the extras flag, logprobs cut with the tokens, scoring with max_new_tokens=0 ----
+
+
+def test_the_extras_flag_and_the_logprobs_slots_follow_the_live_requests():
+    from handler.engine.logprobs import TokenLogprob
+
+    s = scheduler(slots=3)
+    s.submit(request("plain"))
+    s.submit(request("scored", GenerationParams(decoding="greedy", max_new_tokens=8, logprobs=2)))
+    s.submit(request("penalized", GenerationParams(decoding="greedy", max_new_tokens=8, presence_penalty=0.5)))
+    admit(s)
+    batch = s.decode_batch()
+    assert batch.extras and batch.logprobs == {1: 2}
+    lp = [TokenLogprob(t, -0.5, ((t, -0.5), (9, -1.0))) for t in (4, 5)]
+    s.update(StepOutput({0: [4], 1: [4, 5], 2: [4]}, {1: FinishReason.EOS}, 1.0, new_logprobs={1: lp}))
+    assert s.get("scored").logprobs == lp and s.get("plain").logprobs == [] and s.get("penalized").logprobs == []
+    batch = s.decode_batch()  # the request with logprobs ended; the penalized one keeps the extras on
+    assert batch.slots == (0, 2) and batch.extras and batch.logprobs == {}
+    step(s, {0: [6], 2: [6]}, {2: FinishReason.EOS})
+    batch = s.decode_batch()  # only the plain request is left: the step runs without its extras
+    assert batch.slots == (0,) and not batch.extras
+
+
+def test_logprobs_are_cut_where_a_stop_string_cuts_the_tokens():
+    from handler.engine.logprobs import TokenLogprob
+
+    s = scheduler(slots=1)
+    s.submit(request("a", GenerationParams(decoding="greedy", max_new_tokens=8, logprobs=0, stop=("cd",))))
+    admit(s)
+    new = [1, 2, 3, 4]  # b c d e: "cd" ends at the third token
+    s.update(StepOutput({0: new}, {}, 1.0, new_logprobs={0: [TokenLogprob(t, -float(t), ()) for t in new]}))
+    gen = s.get("a")
+    assert gen.finish_reason is FinishReason.STOP and gen.tokens == [1, 2, 3]
+    assert [x.token_id for x in gen.logprobs] == gen.tokens
+
+
+def test_a_plain_batch_has_the_extras_off():
+    s = scheduler(slots=2)
+    s.submit(request("a"))
+    s.submit(request("b", GenerationParams(decoding="greedy", max_new_tokens=8, prompt_logprobs=3)))
+    admit(s)
+    batch = s.decode_batch()
+    assert not batch.extras and batch.logprobs == {}  # prompt logprobs come from the prefill, not the step
+
+
+def test_max_new_tokens_0_ends_at_its_prefill_and_frees_its_slot():
+    s = scheduler(slots=1)
+    s.submit(request("score", GenerationParams(max_new_tokens=0, prompt_logprobs=0)))
+    s.submit(request("next"))
+    out = s.schedule()
+    ended = s.prefilled(out, {}, now=0.0)
+    assert [g.request_id for g in ended] == ["score"] and ended[0].finish_reason is FinishReason.LENGTH
+    assert ended[0].tokens == [] and s.decode_batch() is None
+    out = s.schedule()
+    assert out.released == (0,) and [(slot, g.request_id) for slot, g in out.admitted] == [(0, "next")]
