@@ -22,6 +22,8 @@
 # make dashboard  the Grafana dashboard's picture (docs/images/dashboard.png) drawn from its own queries against a
 #            real Prometheus scraping a fresh server under a minute of load, and the figures behind the alerts
 #            (scripts/dashboard_preview.py; docs/metrics.md)
+# make eval  lm-evaluation-harness (eval/tasks/: a loglikelihood and a generate_until task) against `make run`'s
+#            server, or a fresh one when none answers; its loglikelihoods checked against transformers (float32)
 # make soak  20,000 mixed requests (hang-ups and bad ones included) against a fresh server, the worker's memory
 #            and open files sampled (benchmarks/soak.py; CI runs 3,000 in tests/e2e/test_soak.py)
 PYTHON ?= python3
@@ -39,12 +41,13 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: dashboard keys renew-keys image image-test image-packages image-check mutants fuzz run stop test venv model archive serve register query bench bench-hf quality soak clean system-packages gpu-wheels gpu-report
+.PHONY: dashboard eval keys renew-keys image image-test image-packages image-check mutants fuzz run stop test venv model archive serve register query bench bench-hf quality soak clean system-packages gpu-wheels gpu-report
 
-$(BIN)/.installed: requirements.txt requirements-k8s-test.txt pyproject.toml
+$(BIN)/.installed: requirements.txt requirements-k8s-test.txt requirements-eval.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-k8s-test.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-eval.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -137,6 +140,9 @@ bench: venv
 
 quality: model
 	$(BIN)/python -m benchmarks.quality --model-dir $(MODEL_DIR)
+
+eval: venv model
+	$(BIN)/python -m gpt2ops.lm_eval_run --model $(MODEL_NAME) --model-dir $(MODEL_DIR) --run-dir $(RUN_DIR) --config $(TS_CONFIG)
 
 soak: venv
 	$(BIN)/python -m benchmarks.soak

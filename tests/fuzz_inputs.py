@@ -77,6 +77,15 @@ def field_values(name: str):
         "ignore_eos": st.booleans(),
         "stream": st.booleans(),
         "return_token_ids": st.booleans(),
+        "repetition_penalty": st.floats(-1, 12) | FLOATS | HUGE_INT,
+        "presence_penalty": st.floats(-3, 3) | FLOATS | HUGE_INT,
+        "frequency_penalty": st.floats(-3, 3) | FLOATS | HUGE_INT,
+        "logit_bias": st.dictionaries(st.integers(-1, 3000).map(str) | TEXT, st.floats(-150, 150) | FLOATS | INTEGERS,
+                                      max_size=4),
+        "min_tokens": st.integers(-2, 300) | HUGE_INT,
+        "logprobs": st.integers(-1, 25) | HUGE_INT,
+        "prompt_logprobs": st.integers(-1, 25) | HUGE_INT,
+        "logprobs_source": st.sampled_from(["raw", "processed"]) | TEXT,
     }[name]
     return st.one_of(typed, typed, typed, JSON_VALUES, DEEP)
 

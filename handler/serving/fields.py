@@ -19,12 +19,13 @@ here the limits of this worker narrow them.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
-from handler.engine.params import (DECODING_MODES, MAX_EOS_IDS, PARAM, RANGES, GenerationParams, InvalidParameter,
-                                   Range, as_boolean, as_decoding, as_integer, as_number, describe, require_mode_agrees,
-                                   type_name)
+from handler.engine.params import (DECODING_MODES, LOGPROBS_SOURCES, MAX_EOS_IDS, MAX_LOGIT_BIAS, PARAM, RANGES,
+                                   GenerationParams, InvalidParameter, Range, as_boolean, as_decoding, as_integer,
+                                   as_number, describe, fmt, require_mode_agrees, type_name)
 from handler.serving.errors import RequestError
 from handler.serving.limits import RequestLimits, refuse_unknown_keys
 
@@ -70,6 +71,41 @@ def read_token_ids(name: str, value: Any, limits: RequestLimits) -> tuple[int, .
     return tuple(items)
 
 
+LOGIT_BIAS_BOUND = RANGES["logit_bias/bias"].high  # a bias is in [-100, 100] (OpenAI's)
+
+
+def read_logit_bias(name: str, value: Any, limits: RequestLimits) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias, `{"50256": -100}` (token ids as JSON object keys, so strings) -> (id, bias) pairs."""
+    if not isinstance(value, dict):
+        raise InvalidParameter(name, PARAM, ' must be an object of token id -> bias, such as {"50256": -100}, '
+                               f"got {type_name(value)}")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise InvalidParameter(name, PARAM, f" may name at most {MAX_LOGIT_BIAS} token ids, got {len(value)}")
+    pairs: dict[int, float] = {}
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10):
+            raise InvalidParameter(name, PARAM, f" keys must be token ids written in decimal, such as \"50256\"; "
+                                   f"got {describe(key)}")
+        token = int(key)
+        if token in pairs:
+            raise InvalidParameter(name, PARAM, f" names token id {token} twice")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise InvalidParameter(name, PARAM, f" values must be numbers, got {type_name(bias)} for {key!r}")
+        number = as_number(name, bias)
+        if not -LOGIT_BIAS_BOUND <= number <= LOGIT_BIAS_BOUND:
+            raise InvalidParameter(name, PARAM, f" values must be in [-{fmt(LOGIT_BIAS_BOUND)}, "
+                                   f"{fmt(LOGIT_BIAS_BOUND)}], got {fmt(number)} for {key!r}")
+        pairs[token] = number
+    return tuple(pairs.items())
+
+
+def read_source(name: str, value: Any, limits: RequestLimits) -> str:
+    if not isinstance(value, str) or value not in LOGPROBS_SOURCES:
+        raise InvalidParameter(name, PARAM, f" must be one of {', '.join(map(repr, LOGPROBS_SOURCES))}, "
+                               f"got {describe(value)}")
+    return value
+
+
 # ---- the table ----
 
 Bound = Callable[[RequestLimits, int], float]  # (limits, vocabulary size) -> the largest value allowed
@@ -85,6 +121,7 @@ class Field:
     sampling_only: bool = False  # applies only when the request samples
     bound: Bound | dict[str, Bound] | None = None  # an operator limit on the upper end (per mode when a dict)
     configurable: bool = True  # an operator may set its default in handler.defaults
+    default_doc: str | None = None  # the default as docs/api.md shows it, where the value says it badly
 
     def range(self, mode: str, limits: RequestLimits, vocab_size: int) -> Range | None:
         """The allowed range in `mode` for this worker (None: not a number)."""
@@ -97,7 +134,8 @@ class Field:
 
 FIELDS = (
     Field("max_new_tokens", "integer", read_integer,
-          "1 … `limits.max_new_tokens` ({limits.max_new_tokens}); prompt + this ≤ the model's `n_positions` and a "
+          "1 … `limits.max_new_tokens` ({limits.max_new_tokens}), or 0 with `prompt_logprobs` (score the prompt "
+          "only); prompt + this ≤ the model's `n_positions` and a "
           "slot's positions; and no more than the worker can generate within the response timeout",
           bound=lambda limits, vocab: limits.max_new_tokens),
     Field("decoding", "string", read_decoding, "`contrastive`, `greedy` or `sample`"),
@@ -124,6 +162,30 @@ FIELDS = (
           "benchmarks); stop strings still end the text", configurable=False),
     Field("stream", "boolean", read_boolean, "stream the text as JSON lines"),
     Field("return_token_ids", "boolean", read_boolean, "add `token_ids` to the answer"),
+    Field("repetition_penalty", "number", read_number,
+          "0 < r ≤ 10 (1: off); transformers' `RepetitionPenaltyLogitsProcessor`: the logit of every token of the "
+          "prompt and of the text so far is divided by r when positive, multiplied by r when negative"),
+    Field("presence_penalty", "number", read_number,
+          "−2 … 2 (0: off); OpenAI's: a token generated at least once loses this much logit"),
+    Field("frequency_penalty", "number", read_number,
+          "−2 … 2 (0: off); OpenAI's: a token loses this much logit for each time it was generated"),
+    Field("logit_bias", "object", read_logit_bias,
+          "token id (a string, as OpenAI's: `{{\"50256\": -100}}`) → bias added to its logit, −100 … 100; at most "
+          f"{MAX_LOGIT_BIAS} ids, each in the vocabulary", configurable=False, default_doc="none"),
+    Field("min_tokens", "integer", read_integer,
+          "0 … `max_new_tokens`: no end-of-text token (`eos_token_id`) before this many new tokens", configurable=False),
+    Field("logprobs", "integer", read_integer,
+          "0 … `limits.max_logprobs` ({limits.max_logprobs}): each generated token's logprob and its n most likely "
+          "alternatives, in the answer's `logprobs`", bound=lambda limits, vocab: limits.max_logprobs,
+          configurable=False, default_doc="none"),
+    Field("prompt_logprobs", "integer", read_integer,
+          "0 … `limits.max_logprobs` ({limits.max_logprobs}): each prompt token's logprob (the first's is null) and "
+          "its n most likely alternatives, in the answer's `prompt_logprobs`",
+          bound=lambda limits, vocab: limits.max_logprobs, configurable=False, default_doc="none"),
+    Field("logprobs_source", "string", read_source,
+          "the distribution logprobs come from: `raw`, the model's own log-softmax (vLLM's default); `processed`, "
+          "after the penalties, `logit_bias`, `min_tokens` and (when sampling) temperature: what the token was "
+          "chosen from. The prompt's logprobs are always raw"),
 )
 BY_NAME = {f.name: f for f in FIELDS}
 PROMPT = "prompt"
@@ -168,10 +230,10 @@ def _resolve(given: Mapping[str, Any], defaults: GenerationParams, limits: Reque
         for name in values:
             if BY_NAME[name].sampling_only and not samples:
                 raise InvalidParameter(name, PARAM, " applies only when sampling (decoding='sample', or do_sample=true)")
-    for name, value in values.items():  # this worker's limits narrow the ranges
+    for name, value in values.items():  # this worker's limits narrow the upper ends (the engine checks the rest)
         rng = BY_NAME[name].range(mode, limits, vocab_size)
         if rng is not None and BY_NAME[name].bound is not None:
-            rng.require(name, value)
+            Range(-math.inf, rng.high).require(name, value)
     return replace(defaults, **values)
 
 
@@ -188,6 +250,10 @@ def params_from_request(request: Mapping[str, Any], *, defaults: GenerationParam
             for token in params.eos_token_id:
                 if not 0 <= token < vocab_size:
                     raise InvalidParameter("eos_token_id", PARAM, f" must be in [0, {vocab_size}), got {token}")
+        for token, _ in params.logit_bias:
+            if token >= vocab_size:
+                raise InvalidParameter("logit_bias", PARAM, f" names token id {token}, outside the vocabulary "
+                                       f"(ids 0 … {vocab_size - 1})")
         return params
     except InvalidParameter as err:
         raise RequestError.invalid(err) from None
@@ -209,7 +275,8 @@ def markdown_rows(defaults: GenerationParams, limits: RequestLimits) -> list[str
             f"({limits.max_prompt_tokens}) tokens |"]
     for f in FIELDS:
         doc = f.doc.format(limits=limits)
-        rows.append(f"| `{f.name}` | {f.type} | {_shown(f.name, getattr(defaults, f.name))} | {doc} |")
+        default = f.default_doc or _shown(f.name, getattr(defaults, f.name))
+        rows.append(f"| `{f.name}` | {f.type} | {default} | {doc} |")
     return rows
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from handler.engine.params import MAX_LOGPROBS
+
 
 @dataclass(frozen=True)
 class RequestLimits:
@@ -23,6 +25,7 @@ class RequestLimits:
     max_stop_length: int = 64  # longest stop string, in characters
     max_body_bytes: int = 65536  # largest request body the handler accepts
     max_choices: int = 32  # most generations one OpenAI-compatible request may ask for (prompts x n)
+    max_logprobs: int = 5  # most alternatives per token a request may ask for (logprobs, prompt_logprobs)
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any] | None) -> "RequestLimits":
@@ -31,6 +34,9 @@ class RequestLimits:
         for name, value in raw.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"handler.limits.{name} must be a positive integer, got {value!r}")
+        if raw.get("max_logprobs", 0) > MAX_LOGPROBS:
+            raise ValueError(f"handler.limits.max_logprobs must be at most {MAX_LOGPROBS} (the engine's bound), "
+                             f"got {raw['max_logprobs']}")
         return cls(**raw)
 
 

@@ -28,6 +28,7 @@ from handler.serving.body import (JSON_HINT, body_of, content_type, decode, pars
 from handler.serving.preparation import EngineRequests
 from handler.serving.errors import RequestError, fault_while_reading
 from handler.serving.fields import params_from_request, require_prompt_text
+from handler.serving.logprobs import TokenStrings, Trail
 from handler.serving.settings import HandlerSettings
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,12 @@ class NativeCall:
     prompt: str
     generation: Generation
     stream: bool
+    strings: TokenStrings | None = None  # token strings, when the request asked for logprobs
+    trail: Trail | None = None  # a stream's generated tokens with logprobs, as they go out
+
+    def __post_init__(self):
+        if self.stream and self.generation.request.params.logprobs is not None:
+            self.trail = Trail(self.strings)
 
     @property
     def generations(self) -> list[Generation]:
@@ -140,10 +147,10 @@ class NativeCall:
         return responses.STREAM_CONTENT_TYPE if self.stream else responses.JSON_CONTENT_TYPE
 
     def chunk(self) -> str:
-        return responses.chunk(self.generation) if self.stream else ""
+        return responses.chunk(self.generation, self.strings, self.trail) if self.stream else ""
 
     def final(self) -> str:
-        return responses.final(self.prompt, self.generation, self.stream)
+        return responses.final(self.prompt, self.generation, self.stream, self.strings, self.trail)
 
     def failure(self) -> Generation | None:
         return self.generation if self.generation.finish_reason is FinishReason.ERROR else None
@@ -181,4 +188,7 @@ class NativeApi:
         prepared = self.prepare(request_id, entry, headers)
         if isinstance(prepared, RequestError):
             return prepared
-        return NativeCall(prepared.prompt, self.engine.submit(prepared.request), prepared.request.params.stream)
+        params = prepared.request.params
+        strings = self.engine_requests.strings if params.logprobs is not None or params.prompt_logprobs is not None \
+            else None
+        return NativeCall(prepared.prompt, self.engine.submit(prepared.request), params.stream, strings)

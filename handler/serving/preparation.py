@@ -11,6 +11,7 @@ import os
 import secrets
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Mapping
 
 import torch
@@ -20,6 +21,7 @@ from handler.engine.scheduler import Request
 from handler.serving.admission import Admission
 from handler.serving.body import header
 from handler.serving.errors import RequestError
+from handler.serving.logprobs import TokenStrings
 from handler.serving.settings import HandlerSettings
 
 FAULT_HEADER = "X-Fault-Injection"
@@ -35,6 +37,11 @@ class EngineRequests:
     vocab_size: int
     eos_ids: tuple[int, ...]
     admission: Admission
+
+    @cached_property
+    def strings(self) -> TokenStrings:
+        """The tokenizer's token strings, as logprobs show them (handler.serving.logprobs)."""
+        return TokenStrings(self.tokenizer)
 
     def make(self, request_id: str, prompt: str, params: GenerationParams, headers: Mapping[str, Any]) -> Request:
         """A prompt and its checked parameters -> the engine's request, tokenized and admitted (RequestError

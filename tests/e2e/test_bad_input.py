@@ -77,6 +77,20 @@ CASES = [
     ("eos-out-of-vocab", js({"prompt": "hi", "eos_token_id": 10**6}), 400, "eos_token_id", "must be in [0,"),
     ("eos-string", js({"prompt": "hi", "eos_token_id": "</s>"}), 400, "eos_token_id", "integer"),
     ("stream-string", js({"prompt": "hi", "stream": "true"}), 400, "stream", "true or false"),
+    # scoring (issue 22): logprobs within the operator's limit, biases within the vocabulary, penalties in range
+    ("logprobs-over-limit", js({"prompt": "hi", "logprobs": 6}), 400, "logprobs", "logprobs must be <= 5, got 6"),
+    ("logprobs-negative", js({"prompt": "hi", "logprobs": -1}), 400, "logprobs", ">= 0"),
+    ("prompt-logprobs-over-limit", js({"prompt": "hi", "prompt_logprobs": 21}), 400, "prompt_logprobs", "<= 5"),
+    ("logit-bias-outside-vocabulary", js({"prompt": "hi", "logit_bias": {"50256": -100}}), 400, "logit_bias",
+     "outside the vocabulary"),
+    ("logit-bias-not-an-id", js({"prompt": "hi", "logit_bias": {"hi": 1}}), 400, "logit_bias", "decimal"),
+    ("logit-bias-over", js({"prompt": "hi", "logit_bias": {"5": 150}}), 400, "logit_bias", "[-100, 100]"),
+    ("presence-penalty-over", js({"prompt": "hi", "presence_penalty": 2.5}), 400, "presence_penalty", "<= 2"),
+    ("frequency-penalty-under", js({"prompt": "hi", "frequency_penalty": -2.5}), 400, "frequency_penalty", ">= -2"),
+    ("repetition-penalty-zero", js({"prompt": "hi", "repetition_penalty": 0}), 400, "repetition_penalty", "> 0"),
+    ("min-tokens-over-max", js({"prompt": "hi", "min_tokens": 9, "max_new_tokens": 8}), 400, "min_tokens", "8"),
+    ("logprobs-source-unknown", js({"prompt": "hi", "logprobs": 1, "logprobs_source": "logits"}), 400,
+     "logprobs_source", "one of"),
     ("body-over-handler-limit", js({"prompt": "x" * 70000}), 413, "body", "the limit is 65536 bytes"),
 ]
 

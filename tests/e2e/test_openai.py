@@ -124,9 +124,7 @@ def test_a_bad_parameter_is_a_bad_request_naming_it(oa, kw, param, words):
     assert err.value.type == "invalid_request_error"
 
 
-@pytest.mark.parametrize("kw", [{"logprobs": 1}, {"best_of": 2}, {"logit_bias": {"50256": -100}}, {"suffix": "end"},
-                                {"frequency_penalty": 0.5}, {"presence_penalty": 0.5}],
-                         ids=lambda kw: next(iter(kw)))
+@pytest.mark.parametrize("kw", [{"best_of": 2}, {"suffix": "end"}], ids=lambda kw: next(iter(kw)))
 def test_fields_this_server_cannot_honour_are_refused(oa, kw):
     with pytest.raises(openai.BadRequestError) as err:
         oa.completions.create(model=MODEL, prompt="hi", max_tokens=4, **kw)

@@ -117,7 +117,7 @@ def test_a_fault_while_answering_one_request_fails_it_alone_and_frees_its_slot(h
     real = getattr(responses, when)
 
     def broken(*args):
-        gen = args[-1] if when == "chunk" else args[1]
+        gen = args[0] if when == "chunk" else args[1]
         if is_victim(gen.request):
             raise ValueError(f"a bug in responses.{when}")
         return real(*args)
@@ -135,8 +135,8 @@ def test_a_fault_while_answering_one_request_fails_it_alone_and_frees_its_slot(h
 def test_a_unencodable_answer_fails_that_request_alone(handler, expected, monkeypatch):
     real = responses.final
 
-    def unencodable(prompt, gen, stream):
-        return real(prompt, gen, stream) + ("\udc80" if is_victim(gen.request) else "")
+    def unencodable(prompt, gen, stream, *rest):
+        return real(prompt, gen, stream, *rest) + ("\udc80" if is_victim(gen.request) else "")
 
     monkeypatch.setattr(responses, "final", unencodable)
     statuses, answers, _ = serve(handler, [{**VICTIM, "stream": False, "max_new_tokens": 3}, GOOD[0]])  # one call

@@ -61,6 +61,18 @@ MAPPED = [
       "presence_penalty": 0.0, "user": "u-1", "echo": False, "n": 1, "seed": None, "stream": None},
      dict(decoding="contrastive", do_sample=False)),
     ({"model": MODEL, "logit_bias": None, "suffix": None}, dict(decoding="contrastive")),
+    # scoring: logprobs (and with echo the prompt's), penalties and biases under their native names
+    ({"logprobs": 3}, dict(logprobs=3, prompt_logprobs=None)),
+    ({"logprobs": 0, "echo": True}, dict(logprobs=0, prompt_logprobs=0)),
+    ({"logprobs": 5, "echo": True, "max_tokens": 0}, dict(logprobs=5, prompt_logprobs=5, max_new_tokens=0)),
+    ({"echo": True, "max_tokens": 0}, dict(logprobs=None, prompt_logprobs=0, max_new_tokens=0)),
+    ({"echo": True}, dict(logprobs=None, prompt_logprobs=None)),  # echo alone: the prompt's text, no scoring
+    ({"logit_bias": {"3": -100, "999": 2.5}}, dict(logit_bias=((3, -100.0), (999, 2.5)))),
+    ({"presence_penalty": 1.5, "frequency_penalty": -0.5}, dict(presence_penalty=1.5, frequency_penalty=-0.5)),
+    ({"repetition_penalty": 1.3, "min_tokens": 4}, dict(repetition_penalty=1.3, min_tokens=4)),
+    ({"logprobs": 1, "logprobs_source": "processed"}, dict(logprobs=1, logprobs_source="processed")),
+    ({"temperature": 0, "logprobs": 1, "echo": True, "max_tokens": 1, "seed": 1234},  # lm-evaluation-harness's
+     dict(decoding="greedy", logprobs=1, prompt_logprobs=1, max_new_tokens=1)),
 ]
 
 
@@ -74,14 +86,30 @@ def test_fields_map_onto_generation_params(body, expect):
 
 REFUSED = [
     # id, body, status, param, words
-    ("logprobs", {"logprobs": 1}, 400, "logprobs", "not supported"),
-    ("logprobs-zero", {"logprobs": 0}, 400, "logprobs", "not supported"),
+    ("logprobs-over-limit", {"logprobs": 6}, 400, "logprobs", "logprobs must be <= 5, got 6"),
+    ("logprobs-over-limit-echo", {"logprobs": 20, "echo": True}, 400, "logprobs", "logprobs must be <= 5"),
+    ("logprobs-negative", {"logprobs": -1}, 400, "logprobs", ">= 0"),
+    ("logprobs-bool", {"logprobs": True}, 400, "logprobs", "integer"),
     ("best-of", {"best_of": 2}, 400, "best_of", "not supported"),
-    ("logit-bias", {"logit_bias": {"50256": -100}}, 400, "logit_bias", "not supported"),
+    ("logit-bias-outside-vocabulary", {"logit_bias": {"50256": -100}}, 400, "logit_bias",
+     "token id 50256, outside the vocabulary (ids 0 … 999)"),
+    ("logit-bias-key", {"logit_bias": {"a": 1}}, 400, "logit_bias", "token ids written in decimal"),
+    ("logit-bias-negative-key", {"logit_bias": {"-1": 1}}, 400, "logit_bias", "token ids written in decimal"),
+    ("logit-bias-value", {"logit_bias": {"5": 101}}, 400, "logit_bias", "in [-100, 100], got 101 for '5'"),
+    ("logit-bias-string-value", {"logit_bias": {"5": "1"}}, 400, "logit_bias", "numbers"),
+    ("logit-bias-twice", {"logit_bias": {"5": 1, "05": 2}}, 400, "logit_bias", "twice"),
+    ("logit-bias-list", {"logit_bias": [[5, 1]]}, 400, "logit_bias", "object"),
+    ("logit-bias-too-many", {"logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias", "at most 300"),
     ("suffix", {"suffix": "end"}, 400, "suffix", "not supported"),
-    ("frequency-penalty", {"frequency_penalty": 0.5}, 400, "frequency_penalty", "not supported"),
-    ("presence-penalty", {"presence_penalty": -1}, 400, "presence_penalty", "not supported"),
-    ("presence-penalty-bool", {"presence_penalty": False}, 400, "presence_penalty", "not supported"),
+    ("frequency-penalty-over", {"frequency_penalty": 2.5}, 400, "frequency_penalty", "<= 2"),
+    ("presence-penalty-under", {"presence_penalty": -3}, 400, "presence_penalty", ">= -2"),
+    ("presence-penalty-bool", {"presence_penalty": False}, 400, "presence_penalty", "number"),
+    ("repetition-penalty-zero", {"repetition_penalty": 0}, 400, "repetition_penalty", "> 0"),
+    ("repetition-penalty-over", {"repetition_penalty": 11}, 400, "repetition_penalty", "<= 10"),
+    ("min-tokens-over", {"min_tokens": 9, "max_tokens": 8}, 400, "min_tokens", "min_tokens must be <= "),
+    ("min-tokens-negative", {"min_tokens": -1}, 400, "min_tokens", ">= 0"),
+    ("logprobs-source", {"logprobs": 1, "logprobs_source": "logits"}, 400, "logprobs_source", "'raw', 'processed'"),
+    ("max-tokens-zero-without-echo", {"max_tokens": 0, "logprobs": 1}, 400, "max_tokens", "only allowed with echo"),
     ("temperature-negative", {"temperature": -0.5}, 400, "temperature", ">= 0"),
     ("temperature-string", {"temperature": "hot"}, 400, "temperature", "number"),
     ("temperature-over", {"temperature": 101}, 400, "temperature", "<= 100"),
@@ -91,7 +119,8 @@ REFUSED = [
      "temperature", "contradicts do_sample"),
     ("top-p-with-greedy", {"temperature": 0, "top_p": 0.9}, 400, "top_p", "only to decoding='sample'"),
     ("top-p-zero", {"top_p": 0}, 400, "top_p", "> 0"),
-    ("max-tokens-zero", {"max_tokens": 0}, 400, "max_tokens", "max_tokens must be >= 1, got 0"),
+    ("max-tokens-zero", {"max_tokens": 0}, 400, "max_tokens", "max_tokens 0 generates nothing"),
+    ("max-tokens-negative", {"max_tokens": -1}, 400, "max_tokens", "max_tokens must be >= 1, got -1"),
     ("max-tokens-over", {"max_tokens": 1000}, 400, "max_tokens", "max_tokens must be <= 256"),
     ("max-tokens-float", {"max_tokens": 8.5}, 400, "max_tokens", "integer"),
     ("top-k-one", {"top_k": 1}, 400, "top_k", "top_k must be >= 2"),
@@ -137,8 +166,8 @@ def test_refused_fields_are_named_in_openai_shape(name, body, status, param, wor
 
 
 def test_unsupported_fields_have_their_own_code():
-    for field in ("logprobs", "best_of", "logit_bias", "suffix", "frequency_penalty", "presence_penalty"):
-        body = {field: {"1": 1} if field == "logit_bias" else "x" if field == "suffix" else 2}
+    for field in ("best_of", "suffix"):
+        body = {field: "x" if field == "suffix" else 2}
         assert mapped(body)[1]["code"] == "unsupported_parameter", field
 
 
@@ -336,7 +365,7 @@ def test_a_stream_echoes_the_prompt_first(handler):
 
 def test_openai_and_native_requests_share_a_batch(handler):
     bodies = [{"prompt": "a", "max_tokens": 6, "temperature": 0}, {"prompt": "b", "max_new_tokens": 5},
-              {"prompt": "c", "logprobs": 2}, {"prompt": "d", "top_k": 1}]
+              {"prompt": "c", "logprobs": 9}, {"prompt": "d", "top_k": 1}]
     codes, texts, _ = send(handler, bodies, ["v1/completions", "", "v1/completions", ""])
     assert codes == [200, 200, 400, 400]
     assert json.loads(texts[0])["usage"]["completion_tokens"] == 6
@@ -441,4 +470,35 @@ def test_the_docs_table_lists_the_fields_the_code_knows_with_the_shipped_config(
     assert f"(`{defaults.decoding}`)" in rows["temperature"]
     assert f"at most {limits.max_stop_strings} strings of 1 … {limits.max_stop_length} characters" in rows["stop"]
     assert f"`limits.max_choices` ({limits.max_choices}," in rows["n"]
+    assert f"0 … `limits.max_logprobs` ({limits.max_logprobs})" in rows["logprobs"]
 
+
+
+def test_logprobs_plain_and_streamed_agree_and_echo_scores_the_prompt(handler):
+    """Through the handler and the engine: the stream's chunks carry their tokens' logprobs, joined they are the
+    plain answer's; echo puts the prompt's tokens first (the first one null), also with max_tokens 0."""
+    body = {"prompt": ["你是谁?", "Who are you"], "max_tokens": 30, "temperature": 0, "logprobs": 2, "echo": True,
+            "ignore_eos": True}
+    plain = json.loads(send(handler, [body])[1][0])
+    got = events(send(handler, [{**body, "stream": True}])[1][0])
+    keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    joined = {}
+    for e in got[:-1]:
+        [c] = e["choices"]
+        into = joined.setdefault(c["index"], {"text": "", **{k: [] for k in keys}})
+        into["text"] += c["text"]
+        for k in keys:
+            into[k] += c["logprobs"][k]
+    for choice in plain["choices"]:
+        lp, prompt = choice["logprobs"], body["prompt"][choice["index"]]
+        n = len(handler.loaded.tokenizer.encode(prompt))
+        assert joined[choice["index"]] == {"text": choice["text"], **lp}
+        assert choice["text"].startswith(prompt) and len(lp["tokens"]) == n + 30
+        assert lp["token_logprobs"][0] is None and lp["text_offset"][n] == len(prompt)
+        assert all(lp["token_logprobs"][i] == max(lp["top_logprobs"][i].values()) for i in range(n, n + 30))
+    scored = json.loads(send(handler, [{**body, "max_tokens": 0}])[1][0])
+    for choice, full in zip(scored["choices"], plain["choices"]):
+        n = len(choice["logprobs"]["tokens"])
+        assert choice["text"] == body["prompt"][choice["index"]] and choice["finish_reason"] == "length"
+        assert choice["logprobs"] == {k: v[:n] for k, v in full["logprobs"].items()}
+    assert scored["usage"]["completion_tokens"] == 0

@@ -35,6 +35,8 @@ def test_shipped_model_config_is_valid():
     ({"batch": 3}, "unknown handler keys"),
     ({"defaults": {"top_k": 100}}, "handler.defaults: top_k must be <= 16"),
     ({"limits": {"max_top_k": 0}}, "handler.limits.max_top_k"),
+    ({"limits": {"max_logprobs": 21}}, "handler.limits.max_logprobs must be at most 20"),
+    ({"defaults": {"repetition_penalty": 0}}, "handler.defaults: repetition_penalty must be > 0"),
 ])
 def test_wrong_settings_stop_the_worker_with_the_key_named(handler, words):
     with pytest.raises(ValueError, match=words):

@@ -12,6 +12,10 @@ and modes through `GenerationParams`: one home for each rule) in one function, `
 - `seed` seeds the choices when the request samples (choice i of a prompt gets
   seed + i, so that n > 1 gives different texts, reproducibly); deterministic
   decodings need none and drop it.
+- `logprobs` -> `logprobs`, and with `echo` also `prompt_logprobs` (as vLLM maps
+  them); `max_tokens: 0` only with `echo` (the prompt scored, nothing generated);
+  `logit_bias`, the penalties and `min_tokens` under the same names. The answer's
+  `logprobs` objects: `handler.serving.logprobs`.
 
 Several choices (a list of prompts, `n` > 1) are several engine generations of
 one call (`CompletionCall`, a `handler.serving.call.Call`); it stays open until
@@ -33,8 +37,9 @@ from handler.engine.stopping import FinishReason
 from handler.serving.preparation import EngineRequests
 from handler.serving.errors import RequestError
 from handler.serving.fields import params_from_request
+from handler.serving.logprobs import Entry, TokenStrings, Trail, join_openai, openai_logprobs, trail_of
 from handler.serving.openai.protocol import (DONE_EVENT, FINISH_REASONS, JSON_CONTENT_TYPE, NATIVE_EXTRAS,
-                                             SSE_CONTENT_TYPE, CompletionRequest, OpenAIError, as_number,
+                                             PASSED_ON, SSE_CONTENT_TYPE, CompletionRequest, OpenAIError, as_number,
                                              error_json)
 from handler.serving.settings import HandlerSettings
 
@@ -62,9 +67,10 @@ def native_fields(given: Mapping[str, Any]) -> dict[str, Any]:
     all) the operator's default, left to the native table. The temperature then means what it means in
     that mode; where it contradicts the mode, 400 naming it.
     """
-    native = {name: given[name] for name in NATIVE_EXTRAS if name in given}
+    native = {name: given[name] for name in NATIVE_EXTRAS + PASSED_ON if name in given}
     if "max_tokens" in given:
         native["max_new_tokens"] = given["max_tokens"]
+    native.update(_scoring(given))
     if "stop" in given:
         native["stop"] = given["stop"]
     temperature = as_number("temperature", given["temperature"]) if "temperature" in given else None
@@ -103,6 +109,24 @@ def native_fields(given: Mapping[str, Any]) -> dict[str, Any]:
     return native  # decoding is set whenever a temperature is: no other mode is left
 
 
+def _scoring(given: Mapping[str, Any]) -> dict[str, Any]:
+    """`logprobs` and `echo` -> the native `logprobs` and `prompt_logprobs` (as vLLM maps them): the generated
+    tokens' logprobs with n alternatives, and with `echo` the prompt's too. `max_tokens: 0` scores the prompt
+    and generates nothing: only with `echo` (the prompt is the whole answer)."""
+    native: dict[str, Any] = {}
+    echo = given.get("echo") is True
+    if "logprobs" in given:
+        native["logprobs"] = given["logprobs"]
+        if echo:
+            native["prompt_logprobs"] = given["logprobs"]
+    if given.get("max_tokens") == 0 and not isinstance(given.get("max_tokens"), bool):
+        if not echo:
+            raise OpenAIError("max_tokens", "max_tokens 0 generates nothing: it is only allowed with echo: true "
+                              "(the prompt, scored with logprobs when asked)")
+        native.setdefault("prompt_logprobs", 0)  # the engine scores the prompt; shown only when logprobs asks
+    return native
+
+
 # ---- the call: its choices and how its answer looks ----
 
 
@@ -113,6 +137,7 @@ class Choice:
     generation: Generation
     started: bool = False  # an event of it went out (the echoed prompt goes with the first)
     finished: bool = False  # its event with the finish reason went out
+    trail: Trail | None = None  # its generated tokens' logprobs, when asked for
 
 
 @dataclass
@@ -125,13 +150,24 @@ class CompletionCall:
     request: CompletionRequest
     choices: list[Choice]
     prompt_tokens: int
+    strings: TokenStrings | None = None  # token strings for logprobs (None: not asked for)
     created: int = field(default_factory=lambda: int(time.time()))
     sent_chunks: bool = False  # an SSE event went out: errors from now on are events too
     failed_early: bool = False  # its error went out before any event: a plain JSON answer
 
+    def __post_init__(self):
+        if self.logprobs:
+            for choice in self.choices:
+                choice.trail = Trail(self.strings)
+
     @property
     def stream(self) -> bool:
         return self.request.stream
+
+    @property
+    def logprobs(self) -> bool:
+        """The answer carries OpenAI's `logprobs` objects."""
+        return self.request.logprobs is not None
 
     @property
     def generations(self) -> list[Generation]:
@@ -156,7 +192,8 @@ class CompletionCall:
     # -- streaming --
 
     def chunk(self) -> str:
-        """Events for the choices' new settled text (and for choices that finished while others go on)."""
+        """Events for the choices' new settled text and its tokens' logprobs (and for choices that finished
+        while others go on)."""
         if not self.stream:
             return ""
         events = []
@@ -167,9 +204,14 @@ class CompletionCall:
             if gen.done:
                 events.append(self._last_event(choice))
                 continue
-            text = self._echo(choice) + gen.text.increment()
-            if text:
-                events.append(self._event([self._choice(choice.index, text, None)]))
+            if not choice.started and self.request.echo and self.logprobs and not self._prompt_scored(choice):
+                continue  # the echoed prompt goes out with its logprobs, once the prefill has scored it
+            echo, echo_logprobs = self._echo(choice)
+            text = gen.text.increment()
+            entries = self._settled(choice, final=False)
+            if echo or text or entries:
+                logprobs = join_openai(echo_logprobs, self._rendered(choice, entries)) if self.logprobs else None
+                events.append(self._event([self._choice(choice.index, echo + text, None, logprobs)]))
         if events:
             self.sent_chunks = True
         return "".join(events)
@@ -193,8 +235,15 @@ class CompletionCall:
     # -- shapes --
 
     def completion(self) -> dict:
-        choices = [self._choice(c.index, (c.prompt if self.request.echo else "") + c.generation.text.text(),
-                                FINISH_REASONS.get(c.generation.finish_reason, "stop")) for c in self.choices]
+        choices = []
+        for c in self.choices:
+            echo = self.request.echo
+            logprobs = None
+            if self.logprobs:
+                prompt = self._prompt_logprobs(c) if echo else None
+                logprobs = join_openai(prompt, self._rendered(c, self._settled(c, final=True)))
+            choices.append(self._choice(c.index, (c.prompt if echo else "") + c.generation.text.text(),
+                                        FINISH_REASONS.get(c.generation.finish_reason, "stop"), logprobs))
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}
 
@@ -203,20 +252,47 @@ class CompletionCall:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": self.prompt_tokens + completion_tokens}
 
-    def _echo(self, choice: Choice) -> str:
+    def _prompt_scored(self, choice: Choice) -> bool:
+        gen = choice.generation
+        return len(gen.prompt_logprobs) >= len(gen.request.prompt_ids)
+
+    def _prompt_logprobs(self, choice: Choice) -> dict:
+        """The echoed prompt's logprobs object: its tokens from offset 0, the first one's logprob null."""
+        gen = choice.generation
+        return openai_logprobs(self.strings, trail_of(self.strings, gen.prompt_logprobs, gen.request.prompt_ids).entries)
+
+    def _settled(self, choice: Choice, final: bool) -> list[Entry]:
+        """The choice's generated tokens whose text has gone out (all of them when `final`), not yet sent."""
+        if choice.trail is None:
+            return []
+        gen = choice.generation
+        choice.trail.extend(gen.logprobs)
+        return choice.trail.settled(None if final else gen.text.sent)
+
+    def _rendered(self, choice: Choice, entries: list[Entry]) -> dict:
+        """Generated tokens' entries as OpenAI's object, offsets counted in the choice's whole text."""
+        return openai_logprobs(self.strings, entries, base=len(choice.prompt) if self.request.echo else 0)
+
+    def _echo(self, choice: Choice) -> tuple[str, dict | None]:
+        """The echoed prompt and its logprobs, with the choice's first event only."""
         first = not choice.started
         choice.started = True
-        return choice.prompt if first and self.request.echo else ""
+        if not (first and self.request.echo):
+            return "", None
+        return choice.prompt, (self._prompt_logprobs(choice) if self.logprobs else None)
 
     def _last_event(self, choice: Choice) -> str:
-        text = self._echo(choice) + choice.generation.text.increment(final=True)
+        echo, echo_logprobs = self._echo(choice)
+        text = echo + choice.generation.text.increment(final=True)
+        logprobs = join_openai(echo_logprobs, self._rendered(choice, self._settled(choice, final=True))) \
+            if self.logprobs else None
         choice.finished = True
         reason = FINISH_REASONS.get(choice.generation.finish_reason, "stop")
-        return self._event([self._choice(choice.index, text, reason)])
+        return self._event([self._choice(choice.index, text, reason, logprobs)])
 
     @staticmethod
-    def _choice(index: int, text: str, finish_reason: str | None) -> dict:
-        return {"text": text, "index": index, "finish_reason": finish_reason, "logprobs": None}
+    def _choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+        return {"text": text, "index": index, "finish_reason": finish_reason, "logprobs": logprobs}
 
     def _event(self, choices: list[dict], usage: dict | None = None) -> str:
         chunk = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
@@ -254,4 +330,5 @@ def start_completion(request_id: str, request: CompletionRequest, params: Genera
             engine.cancel(choice.generation.request_id)
             engine.forget(choice.generation.request_id)
         raise
-    return CompletionCall(engine, f"cmpl-{request_id}", model_id, request, choices, prompt_tokens)
+    strings = engine_requests.strings if request.logprobs is not None else None
+    return CompletionCall(engine, f"cmpl-{request_id}", model_id, request, choices, prompt_tokens, strings)

@@ -41,9 +41,13 @@ ERROR_CODES = {400: "invalid_value", 404: "not_found", 413: "request_too_large",
 
 FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "stream_options",
           "echo", "user", "logprobs", "best_of", "logit_bias", "suffix", "frequency_penalty", "presence_penalty",
-          "decoding", "penalty_alpha", "top_k", "do_sample", "eos_token_id", "ignore_eos")
-UNSUPPORTED = ("logprobs", "best_of", "logit_bias", "suffix", "frequency_penalty", "presence_penalty")
-NATIVE_EXTRAS = ("decoding", "penalty_alpha", "top_k", "do_sample", "eos_token_id", "ignore_eos")  # passed through as they are
+          "decoding", "penalty_alpha", "top_k", "do_sample", "eos_token_id", "ignore_eos", "repetition_penalty",
+          "min_tokens", "logprobs_source")
+UNSUPPORTED = ("best_of", "suffix")
+PASSED_ON = ("logit_bias", "frequency_penalty", "presence_penalty")  # OpenAI's, under the same native names
+# this package's and vLLM's extra fields, passed through as they are (`extra_body` in the official client)
+NATIVE_EXTRAS = ("decoding", "penalty_alpha", "top_k", "do_sample", "eos_token_id", "ignore_eos", "repetition_penalty",
+                 "min_tokens", "logprobs_source")
 OPENAI_NAMES = {"max_new_tokens": "max_tokens"}  # native name -> this API's, where they differ
 
 
@@ -96,6 +100,7 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
+    logprobs: int | None = None  # OpenAI's `logprobs`: alternatives per token (its range: the native field's)
 
 
 def read_body(entry: Any, headers: Mapping[str, Any], max_body_bytes: int) -> dict:
@@ -143,26 +148,17 @@ def as_number(name: str, value: Any) -> float:
 
 def _asks_for_nothing(name: str, value: Any) -> bool:
     """Whether an unsupported field's value changes nothing (what clients such as LangChain send by default)."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if name == "best_of":
-        return number and value == 1
-    if name in ("frequency_penalty", "presence_penalty"):
-        return number and value == 0
-    return (name == "logit_bias" and value == {}) or (name == "suffix" and value == "")
+        return isinstance(value, int) and not isinstance(value, bool) and value == 1
+    return name == "suffix" and value == ""
 
 
 def _unsupported(name: str, value: Any) -> None:
     """Fields that change the answer in ways this server cannot: refused unless they ask for nothing."""
     if _asks_for_nothing(name, value):
         return
-    why = {"logprobs": "this server does not return log probabilities",
-           "best_of": "this server does not rank several generations (use n for several choices)",
-           "logit_bias": "this server does not bias logits",
-           "suffix": "GPT-2 cannot insert text before a suffix",
-           "frequency_penalty": "this server has no frequency penalty (contrastive decoding's penalty_alpha "
-                                "fights repetition instead)",
-           "presence_penalty": "this server has no presence penalty (contrastive decoding's penalty_alpha "
-                               "fights repetition instead)"}[name]
+    why = {"best_of": "this server does not rank several generations (use n for several choices)",
+           "suffix": "GPT-2 cannot insert text before a suffix"}[name]
     raise OpenAIError(name, f"{name} is not supported: {why}; leave it out", code="unsupported_parameter")
 
 
@@ -205,7 +201,8 @@ def read_completion(body: Mapping[str, Any], model_id: str, max_choices: int) ->
             if options.get("include_usage") is not None else False
     echo = as_boolean("echo", given.get("echo", False))
     seed = as_integer("seed", given["seed"]) if "seed" in given else None
-    return CompletionRequest(prompts, n, given, seed, stream, include_usage, echo)
+    logprobs = as_integer("logprobs", given["logprobs"]) if "logprobs" in given else None
+    return CompletionRequest(prompts, n, given, seed, stream, include_usage, echo, logprobs)
 
 
 def _prompts(value: Any) -> tuple[str, ...]:
