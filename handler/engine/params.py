@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 DECODING_MODES = ("contrastive", "greedy", "sample")
 SEED_LIMIT = 2**32  # seeds feed a 32-bit counter-based generator (handler.engine.sampling)
@@ -50,9 +50,23 @@ LOGPROBS_SOURCES = ("raw", "processed")
 PARAM = type("Param", (), {"__repr__": lambda self: "PARAM"})()  # in a message's parts: the parameter's own name
 
 
-def spell(parts: tuple, name: str) -> str:
-    """A message's parts as text, with `name` for the parameter (`max_new_tokens`, or OpenAI's `max_tokens`)."""
-    return "".join(name if part is PARAM else str(part) for part in parts)
+@dataclass(frozen=True)
+class OtherParam:
+    """In a message's parts: another parameter, which each API names its own way (`max_new_tokens` is OpenAI's
+    `max_tokens`)."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def spell(parts: tuple, name: str, names: Mapping[str, str] | None = None) -> str:
+    """A message's parts as text, with `name` for the parameter (`max_new_tokens`, or OpenAI's `max_tokens`) and
+    `names` renaming the other parameters it mentions."""
+    names = names or {}
+    return "".join(name if part is PARAM else names.get(part.name, part.name) if isinstance(part, OtherParam)
+                   else str(part) for part in parts)
 
 
 class InvalidParameter(ValueError):
@@ -225,8 +239,8 @@ class GenerationParams:
         require_logit_bias(self.logit_bias)
         RANGES["min_tokens"].require("min_tokens", as_integer("min_tokens", self.min_tokens))
         if self.min_tokens > self.max_new_tokens:
-            raise InvalidParameter("min_tokens", PARAM, f" must be <= max_new_tokens ({self.max_new_tokens}), "
-                                   f"got {self.min_tokens}")
+            raise InvalidParameter("min_tokens", PARAM, " must be <= ", OtherParam("max_new_tokens"),
+                                   f" ({self.max_new_tokens}), got {self.min_tokens}")
         if not isinstance(self.logprobs_source, str) or self.logprobs_source not in LOGPROBS_SOURCES:
             raise InvalidParameter("logprobs_source", PARAM, f" must be one of "
                                    f"{', '.join(map(repr, LOGPROBS_SOURCES))}, got {describe(self.logprobs_source)}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from http import HTTPStatus
+from typing import Mapping
 
 from handler.engine.params import InvalidParameter, spell
 
@@ -41,9 +42,10 @@ class RequestError(ValueError):
     def message(self) -> str:
         return self.spelled(self.name)
 
-    def spelled(self, name: str) -> str:
-        """The message with the field called `name` (what another API calls it)."""
-        return spell(self.parts, name)
+    def spelled(self, name: str, names: Mapping[str, str] | None = None) -> str:
+        """The message with the field called `name` and the other fields it mentions renamed by `names` (what
+        another API calls them)."""
+        return spell(self.parts, name, names)
 
     def with_prefix(self, prefix: str) -> "RequestError":
         """The same error, its message after `prefix` (e.g. which prompt of several it is about)."""

@@ -8,6 +8,15 @@ from handler.engine import Engine, GenerationParams, PoolShape, Request, generat
 
 EOS = (0,)
 
+# one set of parameters per decoding mode, for the tests that run each mode through the same check
+MODES = {
+    "contrastive": {"decoding": "contrastive", "penalty_alpha": 0.6, "top_k": 4},
+    "contrastive-sampling": {"decoding": "contrastive", "penalty_alpha": 0.5, "top_k": 5, "do_sample": True,
+                             "temperature": 0.6},
+    "greedy": {"decoding": "greedy"},
+    "sample": {"decoding": "sample", "do_sample": True, "top_k": 40, "top_p": 0.9, "temperature": 0.7},
+}
+
 
 def requests_for(prompts, params, seeds=None, eos=EOS) -> list[Request]:
     """One request per prompt, ids "0", "1", ..."""
@@ -31,4 +40,4 @@ def make_engine(fp32_model):
     return make
 
 
-__all__ = ["EOS", "GenerationParams", "alone", "requests_for"]
+__all__ = ["EOS", "MODES", "GenerationParams", "alone", "requests_for"]

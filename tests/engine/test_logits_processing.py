@@ -10,7 +10,7 @@ import pytest
 
 from handler.engine import Engine, GenerationParams, PoolShape, Request, generate
 from handler.engine.params import InvalidParameter
-from tests.engine.conftest import EOS, requests_for
+from tests.engine.conftest import EOS, MODES, requests_for
 from tests.reference import reference_generate
 
 
@@ -69,13 +69,6 @@ PENALTIES = {
     "min-tokens": {"min_tokens": 10, "logit_bias": ((0, 6.0),)},  # eos (0) made likely, kept out until 10
     "all": {"repetition_penalty": 1.3, "presence_penalty": 0.6, "frequency_penalty": 0.3,
             "logit_bias": ((5, 1.5),), "min_tokens": 3},
-}
-MODES = {
-    "contrastive": {"decoding": "contrastive", "penalty_alpha": 0.6, "top_k": 4},
-    "contrastive-sampling": {"decoding": "contrastive", "penalty_alpha": 0.5, "top_k": 5, "do_sample": True,
-                             "temperature": 0.6},
-    "greedy": {"decoding": "greedy"},
-    "sample": {"decoding": "sample", "do_sample": True, "top_k": 40, "top_p": 0.9, "temperature": 0.9},
 }
 
 

@@ -13,18 +13,11 @@ import torch
 from handler.engine import Engine, FinishReason, GenerationParams, PoolShape, Request, generate
 from handler.engine.logprobs import TokenLogprob
 from handler.engine.text import detokenizer
-from tests.engine.conftest import EOS, requests_for
+from tests.engine.conftest import EOS, MODES, requests_for
 from tests.reference import reference_details, reference_prompt_logprobs
 
 TOL = 1e-4  # the engine's compact forward against transformers' full one, float32
 
-MODES = {
-    "contrastive": {"decoding": "contrastive", "penalty_alpha": 0.6, "top_k": 4},
-    "contrastive-sampling": {"decoding": "contrastive", "penalty_alpha": 0.5, "top_k": 5, "do_sample": True,
-                             "temperature": 0.6},
-    "greedy": {"decoding": "greedy"},
-    "sample": {"decoding": "sample", "do_sample": True, "top_k": 40, "top_p": 0.9, "temperature": 0.7},
-}
 
 
 def assert_same_logprobs(got: list[TokenLogprob], want: list, n: int) -> None:

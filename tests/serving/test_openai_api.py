@@ -106,7 +106,8 @@ REFUSED = [
     ("presence-penalty-bool", {"presence_penalty": False}, 400, "presence_penalty", "number"),
     ("repetition-penalty-zero", {"repetition_penalty": 0}, 400, "repetition_penalty", "> 0"),
     ("repetition-penalty-over", {"repetition_penalty": 11}, 400, "repetition_penalty", "<= 10"),
-    ("min-tokens-over", {"min_tokens": 9, "max_tokens": 8}, 400, "min_tokens", "min_tokens must be <= "),
+    ("min-tokens-over", {"min_tokens": 9, "max_tokens": 8}, 400, "min_tokens",
+     "min_tokens must be <= max_tokens (8), got 9"),  # the other field named as this API names it
     ("min-tokens-negative", {"min_tokens": -1}, 400, "min_tokens", ">= 0"),
     ("logprobs-source", {"logprobs": 1, "logprobs_source": "logits"}, 400, "logprobs_source", "'raw', 'processed'"),
     ("max-tokens-zero-without-echo", {"max_tokens": 0, "logprobs": 1}, 400, "max_tokens", "only allowed with echo"),

@@ -74,7 +74,7 @@ def error_object(err: RequestError) -> dict:
     param = field_label(name) or None
     if param in ("body", "url_path"):
         param = None
-    return {"error": {"message": err.spelled(name), "type": "invalid_request_error" if err.status < 500
+    return {"error": {"message": err.spelled(name, OPENAI_NAMES), "type": "invalid_request_error" if err.status < 500
                       else "server_error", "param": param, "code": code}}
 
 
