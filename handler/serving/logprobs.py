@@ -147,6 +147,11 @@ class Trail:
         self.sent = end
         return out
 
+    def take_settled(self, scored: Sequence[Any], text_sent: int | None) -> list[Entry]:
+        """`extend` with the scored tokens so far, then the entries `settled` hands out."""
+        self.extend(scored)
+        return self.settled(text_sent)
+
 
 def trail_of(strings: TokenStrings, scored: Sequence[Any], ids: Sequence[int] | None = None) -> Trail:
     trail = Trail(strings)

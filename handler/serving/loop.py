@@ -51,7 +51,7 @@ from handler.serving.describe_jobs import DescribeJobs, is_describe_job
 from handler.serving.errors import RequestError, is_out_of_memory
 from handler.serving.metrics import api_of
 from handler.serving.orphans import OpenJobs
-from handler.serving.openai.protocol import DONE_EVENT, PREFIX as OPENAI_PREFIX, SSE_CONTENT_TYPE, error_json
+from handler.serving.openai.protocol import DONE_EVENT, SSE_CONTENT_TYPE, error_json
 from handler.serving.routes import URL_PATH_HEADER, ReadyAnswer, Routes
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ ORPHANED = RequestError("body", "the worker serving this request died; the reque
 def orphan_answer(url_path: str) -> ReadyAnswer:
     """The last line of an orphaned job: an OpenAI error event and the stream's end under `v1/`, else the
     native error line (its body, streamed or not, is unknown: the frontend no longer sends it)."""
-    if url_path.strip("/").startswith(OPENAI_PREFIX + "/"):
+    if api_of(url_path) == "openai":
         return ReadyAnswer(f"data: {error_json(ORPHANED)}\n\n{DONE_EVENT}", SSE_CONTENT_TYPE, ORPHANED.status)
     return ReadyAnswer(ORPHANED.to_json() + "\n", responses.STREAM_CONTENT_TYPE, ORPHANED.status)
 
@@ -190,7 +190,7 @@ class ServingLoop:
             logger.error("request %s was open in a worker that died: answered with an error", request_id)
             return Job(request_id, immediate=orphan_answer(header(headers, URL_PATH_HEADER)), opened=True)
         url_path = header(headers, URL_PATH_HEADER)
-        api = api_of(url_path, OPENAI_PREFIX)
+        api = api_of(url_path)
         routed = self.routes.answer(url_path)
         if isinstance(routed, RequestError):
             return Job(request_id, error=routed, api=api)

@@ -45,6 +45,7 @@ from collections import deque
 from typing import Callable, Iterable, Protocol
 
 from handler.engine.scheduler import Generation
+from handler.serving.openai.protocol import PREFIX as OPENAI_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +73,10 @@ BUCKETS: dict[str, tuple[float, ...]] = {
 }
 
 
-def api_of(url_path: str, openai_prefix: str = "v1") -> str:
-    """The API a request's suffix (TorchServe's `url_path` header) belongs to."""
-    return "openai" if (url_path or "").strip("/").startswith(openai_prefix + "/") else "native"
+def api_of(url_path: str | None) -> str:
+    """The API a request's suffix (TorchServe's `url_path` header) belongs to: "openai" under its prefix, else
+    "native"."""
+    return "openai" if (url_path or "").strip("/").startswith(OPENAI_PREFIX + "/") else "native"
 
 
 # ---- where the lines go ----

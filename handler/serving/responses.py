@@ -60,10 +60,7 @@ def final(prompt: str, gen: Generation, stream: bool, strings: TokenStrings | No
     of the tokens no line carried yet)."""
     if stream:
         text = gen.text.increment(final=True)
-        entries = None
-        if trail is not None:
-            trail.extend(gen.logprobs)
-            entries = trail.settled(None)
+        entries = trail.take_settled(gen.logprobs, None) if trail is not None else None
         return stream_line({"text": text, **answer(prompt, gen, strings, entries)})
     return json_text(answer(prompt, gen, strings))
 
@@ -73,8 +70,7 @@ def chunk(gen: Generation, strings: TokenStrings | None = None, trail: Trail | N
     delta = gen.text.increment()
     if trail is None:
         return stream_line({"text": delta}) if delta else ""
-    trail.extend(gen.logprobs)
-    entries = trail.settled(gen.text.sent)
+    entries = trail.take_settled(gen.logprobs, gen.text.sent)
     if not (delta or entries):
         return ""
     return stream_line({"text": delta, "logprobs": native_logprobs(strings, entries)})

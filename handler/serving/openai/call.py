@@ -266,8 +266,7 @@ class CompletionCall:
         if choice.trail is None:
             return []
         gen = choice.generation
-        choice.trail.extend(gen.logprobs)
-        return choice.trail.settled(None if final else gen.text.sent)
+        return choice.trail.take_settled(gen.logprobs, None if final else gen.text.sent)
 
     def _rendered(self, choice: Choice, entries: list[Entry]) -> dict:
         """Generated tokens' entries as OpenAI's object, offsets counted in the choice's whole text."""
